@@ -1,0 +1,1 @@
+"""Fine-tuning a UNet to forget: x_t sampling, parameter subsets, the accelerate trainer."""

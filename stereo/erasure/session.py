@@ -1,0 +1,148 @@
+"""What every erasure recipe (ESD, STE, REO) sets up the same way: accelerator, base pipeline,
+text embeddings, student/teacher UNets, loggers, sample grids, exports and run provenance."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+
+from stereo.config import erased_subset, to_container
+from stereo.erasure.subsets import add_lora, select_trainable
+from stereo.erasure.trainer import TrainerSettings
+from stereo.export import export_erased
+from stereo.generation import generate, image_grid
+from stereo.manifest import build_manifest, write_json_atomic
+from stereo.models.loading import load_pipeline, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """One run: `cfg` resolved, output folder prepared, base pipeline on the accelerator's device."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.seed = cfg.seed
+        set_seed(cfg.seed)
+        cpu = cfg.trainer.cpu or cfg.model.device == "cpu" or not torch.cuda.is_available()
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.trainer.mixed_precision, cpu=cpu,
+            log_with="wandb" if cfg.logger.name == "wandb" else None, project_dir=str(self.output_dir),
+        )
+        self.config = to_container(cfg)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            write_json_atomic(self.output_dir / "run.json", build_manifest(
+                self.config, self.seed, num_processes=self.accelerator.num_processes))
+        self._init_logger()
+        self.pipe = load_pipeline(cfg.model)
+        self.pipe.to(self.accelerator.device)
+        self.pipe.text_encoder.requires_grad_(False)
+        self.pipe.vae.requires_grad_(False)
+        self.pipe.unet.requires_grad_(False)
+        self.base_unet = self.pipe.unet
+        self.subset = erased_subset(cfg)
+        self._log_step = 0
+
+    # -- text ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(K, 77, D) CLIP text-encoder hidden states, as the UNet consumes them."""
+        tok = self.pipe.tokenizer
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.accelerator.device)
+        return self.pipe.text_encoder(ids)[0].float()
+
+    def concept_prompts(self) -> list[str]:
+        return [p for concept in self.cfg.concepts.values() for p in concept.prompts]
+
+    # -- models --------------------------------------------------------------------------------
+    def make_student(self, init=None):
+        """A trainable fp32 copy of `init` (default: the base UNet) with the configured subset or LoRA.
+
+        Returns (student, teacher, trainable_names); teacher is None with LoRA (adapter disabled = base).
+        """
+        init = self.base_unet if init is None else init
+        student = copy.deepcopy(init).float()
+        lora = self.cfg.method.lora
+        if lora.enabled:
+            names = add_lora(student, self.subset, lora.rank, lora.alpha, lora.dropout)
+            teacher = None
+        else:
+            names = select_trainable(student, self.subset)
+            teacher = init
+        return student, teacher, names
+
+    def trainer_settings(self, steps: int | None = None, lr: float | None = None, desc: str = "erase",
+                         resume: bool | None = None) -> TrainerSettings:
+        t, m = self.cfg.trainer, self.cfg.method
+        return TrainerSettings(
+            steps=steps if steps is not None else t.steps, lr=lr if lr is not None else t.lr,
+            batch_size=t.batch_size, grad_accum=t.grad_accum, weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm, gradient_checkpointing=t.gradient_checkpointing,
+            checkpoint_every=t.checkpoint_every, resume=t.resume if resume is None else resume,
+            log_every=t.log_every, ddim_steps=m.ddim_steps, sample_guidance=m.sample_guidance,
+            latent_size=self.cfg.model.resolution // self.pipe.vae_scale_factor, seed=self.seed, desc=desc,
+        )
+
+    # -- logging -------------------------------------------------------------------------------
+    def _init_logger(self) -> None:
+        if self.cfg.logger.name != "wandb":
+            return
+        self.accelerator.init_trackers(
+            self.cfg.logger.project, config=self.config,
+            init_kwargs={"wandb": {"mode": self.cfg.logger.mode, "dir": str(self.output_dir)}},
+        )
+
+    def log(self, step: int, metrics: dict) -> None:
+        self._log_step += 1
+        self.accelerator.log(metrics, step=self._log_step)
+
+    def save_samples(self, unet, prompts: list[str], name: str, seeds=(0, 1)) -> Path | None:
+        """A grid (rows: base model, erased model; columns: prompt × seed) saved as PNG and logged."""
+        if not self.accelerator.is_main_process:
+            return None
+        t = self.cfg.trainer
+        cols = [(p, s) for p in prompts for s in seeds]
+        images = []
+        for model in (self.base_unet, unet):
+            self.pipe.unet = model
+            images += generate(self.pipe, [p for p, _ in cols], [s for _, s in cols], steps=t.sample_steps,
+                               guidance=t.sample_guidance, height=self.cfg.model.resolution,
+                               width=self.cfg.model.resolution)
+        self.pipe.unet = self.base_unet
+        path = self.output_dir / "samples" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid = image_grid(images, cols=len(cols))
+        grid.save(path)
+        if self.cfg.logger.name == "wandb" and self.cfg.logger.log_images:
+            import wandb
+
+            self.accelerator.get_tracker("wandb", unwrap=True).log({f"samples/{name}": wandb.Image(grid)})
+        return path
+
+    # -- outputs -------------------------------------------------------------------------------
+    def export(self, unet, trainable_names: list[str], name: str = "export", **extra) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        manifest = build_manifest(self.config, self.seed, subset=self.subset,
+                                  lora=bool(self.cfg.method.lora.enabled), **extra)
+        pipe = self.pipe if "pipeline" in self.cfg.export.formats else None
+        if pipe is not None:
+            pipe.to("cpu", torch_dtype(self.cfg.model.dtype))
+        path = export_erased(self.output_dir / name, unet, trainable_names, list(self.cfg.export.formats),
+                             manifest, pipe=pipe)
+        log.info("exported %s to %s", ", ".join(self.cfg.export.formats), path)
+        return path
+
+    def close(self) -> None:
+        self.accelerator.end_training()

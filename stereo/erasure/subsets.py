@@ -1,0 +1,68 @@
+"""Which UNet parameters erasure trains: ESD's named subsets, or a LoRA adapter on one of them.
+
+- `xattn`    cross-attention (`attn2`) Linear layers only ("ESD-x", for styles);
+- `noxattn`  every Linear/Conv2d except cross-attention ("ESD-u", for nudity and objects);
+- `selfattn` self-attention (`attn1`) Linear layers only;
+- `full`     every parameter of the UNet.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+SUBSETS = ("xattn", "noxattn", "selfattn", "full")
+
+
+def _in_subset(name: str, module: nn.Module, subset: str) -> bool:
+    is_layer = isinstance(module, (nn.Linear, nn.Conv2d))
+    parts = name.split(".")
+    if subset == "xattn":
+        return is_layer and "attn2" in parts
+    if subset == "selfattn":
+        return is_layer and "attn1" in parts
+    if subset == "noxattn":
+        return is_layer and "attn2" not in parts
+    return is_layer  # full: every layer (LoRA targets); plain full fine-tuning takes all parameters
+
+
+def subset_module_names(unet: UNet2DConditionModel, subset: str) -> list[str]:
+    """Names of the Linear/Conv2d modules a subset covers (LoRA target modules)."""
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown parameter subset {subset!r}; choose one of {', '.join(SUBSETS)}")
+    names = [name for name, module in unet.named_modules() if _in_subset(name, module, subset)]
+    if not names:
+        raise ValueError(f"parameter subset {subset!r} selects no layer of this UNet")
+    return names
+
+
+def select_trainable(unet: UNet2DConditionModel, subset: str) -> list[str]:
+    """Freeze the UNet except `subset`; returns the trainable parameter names."""
+    modules = set(subset_module_names(unet, subset))
+    unet.requires_grad_(False)
+    names = []
+    for name, param in unet.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        if subset == "full" or owner in modules:
+            param.requires_grad_(True)
+            names.append(name)
+    return names
+
+
+def add_lora(unet: UNet2DConditionModel, subset: str, rank: int, alpha: float, dropout: float) -> list[str]:
+    """Freeze the UNet and attach a peft LoRA adapter on the subset's layers; returns its parameter names."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+        target_modules=subset_module_names(unet, subset),
+    )
+    unet.add_adapter(config)
+    return [name for name, param in unet.named_parameters() if param.requires_grad]
+
+
+def trainable_state_dict(unet: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(unet.named_parameters())
+    return {name: params[name].detach().cpu().contiguous() for name in names}

@@ -1,0 +1,116 @@
+"""Exporting an erased UNet in the formats people load, atomically, with a manifest.
+
+Layout of an export folder:
+  unet/                    diffusers UNet: UNet2DConditionModel.from_pretrained(dir / "unet")
+  pipeline/                full StableDiffusionPipeline.from_pretrained(dir / "pipeline")
+  delta.safetensors        only the trained tensors (apply with stereo.models.load_unet_weights)
+  lora/                    adapter for pipe.load_lora_weights(dir / "lora")
+  manifest.json            resolved config, seed, base model, subset, versions, commit, sha256 per file
+Everything is written into a hidden sibling folder that is renamed into place at the end, so
+a killed export never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
+
+from stereo.erasure.subsets import trainable_state_dict
+from stereo.manifest import sha256_file, write_json_atomic
+
+
+def has_lora(unet) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
+def merged_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A plain UNet equal to `unet` with its LoRA adapter folded into the base weights (W + s·BA)."""
+    if not has_lora(unet):
+        return unet
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    deltas = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            deltas[f"{name}.weight"] = sum(module.get_delta_weight(a) for a in module.active_adapters)
+    state = {}
+    for key, value in unet.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key.replace(".base_layer", "")
+        state[key] = (value + deltas[key].to(value.dtype)) if key in deltas else value
+    plain = UNet2DConditionModel.from_config(unet.config)
+    plain.load_state_dict(state, strict=True)
+    return plain.to(next(unet.parameters()).dtype)
+
+
+def export_erased(
+    out_dir: str | Path,
+    unet: UNet2DConditionModel,
+    trainable_names: list[str],
+    formats: list[str],
+    manifest: dict[str, Any],
+    pipe: StableDiffusionPipeline | None = None,
+) -> Path:
+    """Write the requested formats of the erased `unet` to `out_dir` (replacing an older export)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        plain = merged_unet(unet) if ("unet" in formats or "pipeline" in formats) else None
+        if "unet" in formats:
+            plain.save_pretrained(tmp / "unet", safe_serialization=True)
+        if "pipeline" in formats:
+            if pipe is None:
+                raise ValueError("export format 'pipeline' needs the base pipeline")
+            StableDiffusionPipeline(**{**pipe.components, "unet": plain}).save_pretrained(
+                tmp / "pipeline", safe_serialization=True
+            )
+        if "delta" in formats:
+            save_file(trainable_state_dict(unet, trainable_names), str(tmp / "delta.safetensors"),
+                      metadata={"format": "stereo-delta", "tensors": str(len(trainable_names))})
+        if "lora" in formats:
+            _save_lora(unet, tmp / "lora")
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {**manifest, "formats": list(formats),
+                    "files": {str(p.relative_to(tmp)): sha256_file(p) for p in files}}
+        write_json_atomic(tmp / "manifest.json", manifest)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _save_lora(unet, path: Path) -> None:
+    from peft.utils import get_peft_model_state_dict
+
+    if not has_lora(unet):
+        raise ValueError("export format 'lora' needs a UNet with a LoRA adapter (method.lora.enabled=true)")
+    layers = get_peft_model_state_dict(unet)  # peft key names, as diffusers' loader expects
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    metadata = unet.peft_config["default"].to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` is moved aside first and removed after."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_exported_unet(export_dir: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """The erased UNet of an export folder (the `unet/` format)."""
+    return UNet2DConditionModel.from_pretrained(Path(export_dir) / "unet", torch_dtype=dtype)

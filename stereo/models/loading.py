@@ -1,0 +1,249 @@
+"""One loader for every base model and every erased-UNet format.
+
+`load_pipeline(cfg.model)` gives a `StableDiffusionPipeline` (safety checker off) from:
+- `tiny` / `sd14-random`: built from configs with seeded random weights, offline;
+- `toy`: the toy world's committed pipeline folder (`stereo/toy/weights/pipeline`);
+- `sd14` / `pretrained`: a hub id, a local diffusers folder, or a single-file checkpoint.
+Offline and not cached, a hub id fails within seconds with a message that says what was looked
+for and how to provide it. `load_unet_weights` puts a third-party erased UNet on top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from stereo.models.tiny import load_clip_tokenizer, sd_scheduler, tiny_pipeline
+
+SD14_CONFIGS = Path(__file__).parent / "configs" / "sd14"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class ModelLoadError(RuntimeError):
+    """A model or checkpoint could not be loaded; the message says what was looked for and how to fix it."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not valid; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_pipeline(model_cfg) -> StableDiffusionPipeline:
+    """The base pipeline described by a `ModelConfig`, on CPU, frozen parts in `model_cfg.dtype`."""
+    dtype = torch_dtype(model_cfg.dtype)
+    kind = model_cfg.kind
+    if kind == "tiny":
+        pipe = tiny_pipeline(seed=model_cfg.seed)
+    elif kind == "sd14-random":
+        pipe = sd14_random_pipeline(seed=model_cfg.seed)
+    elif kind == "toy":
+        pipe = _from_local_folder(_toy_pipeline_dir(), dtype)
+    elif kind in ("sd14", "pretrained"):
+        if not model_cfg.pretrained:
+            raise ModelLoadError(f"model.kind={kind} needs model.pretrained (a hub id or a local path)")
+        pipe = load_pretrained(model_cfg.pretrained, model_cfg.revision, dtype, model_cfg.single_file_config)
+    else:
+        raise ValueError(f"model.kind={kind!r} is not valid; choose one of tiny, sd14-random, toy, sd14, pretrained")
+    if kind in ("tiny", "sd14-random"):  # built in fp32; hub/local loads already used torch_dtype
+        pipe.to(dtype=dtype)
+    if model_cfg.unet_weights:
+        load_unet_weights(pipe.unet, model_cfg.unet_weights)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pretrained(
+    source: str, revision: str | None, dtype: torch.dtype, single_file_config: str | None = None
+) -> StableDiffusionPipeline:
+    """A pipeline from a local diffusers folder, a local single-file checkpoint, or a hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _from_local_folder(path, dtype)
+    if path.is_file():
+        return _from_single_file(path, dtype, single_file_config)
+    if source.startswith(("/", ".", "~")) or source.count("/") != 1:
+        raise ModelLoadError(
+            f"model path {source!r} does not exist and is not a hub id of the form 'org/name'. "
+            "Give a local diffusers folder, a .safetensors/.ckpt file, or a hub id such as "
+            "CompVis/stable-diffusion-v1-4."
+        )
+    return _from_hub(source, revision, dtype)
+
+
+def _pipeline_kwargs(dtype: torch.dtype) -> dict:
+    return {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+
+
+def _from_local_folder(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json). Point model.pretrained at "
+            "the folder made by StableDiffusionPipeline.save_pretrained or `huggingface-cli download`."
+        )
+    try:
+        return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **_pipeline_kwargs(dtype))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load the pipeline folder {path}: {err}") from err
+
+
+def _from_single_file(path: Path, dtype: torch.dtype, config_dir: str | None) -> StableDiffusionPipeline:
+    if config_dir is None or not Path(config_dir).is_dir():
+        raise ModelLoadError(
+            f"{path} is a single-file checkpoint; loading it offline needs the component configs. Set "
+            "model.single_file_config to a local diffusers folder of the same architecture (for SD 1.4: "
+            "a download of CompVis/stable-diffusion-v1-4 without weights is enough)."
+        )
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config_dir), local_files_only=True, **_pipeline_kwargs(dtype)
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(f"could not load the single-file checkpoint {path}: {err}") from err
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub(repo_id: str, revision: str | None, dtype: torch.dtype) -> StableDiffusionPipeline:
+    kwargs = {"revision": revision, **_pipeline_kwargs(dtype)}
+    try:  # a populated HF cache needs no network
+        return StableDiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
+        raise ModelLoadError(
+            f"{repo_id} (revision {revision or 'main'}) is not in the local HF cache ({cache}) and {why}. "
+            f"Either download it where there is network (`huggingface-cli download {repo_id} "
+            "--local-dir /path/sd14`) and pass model.pretrained=/path/sd14, or copy a populated HF cache "
+            "and set HF_HOME to it."
+        )
+    try:
+        return StableDiffusionPipeline.from_pretrained(repo_id, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"could not download {repo_id} (revision {revision or 'main'}): {err}") from err
+
+
+def _toy_pipeline_dir() -> Path:
+    path = Path(__file__).resolve().parent.parent / "toy" / "weights" / "pipeline"
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"the toy model's weights are missing from {path}; regenerate them with "
+            "`python -m stereo.toy.train` (or reinstall the package)."
+        )
+    return path
+
+
+def sd14_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Full SD 1.4 architecture with random weights (no download): UNet 860 M, ViT-L/14 text tower, VAE.
+
+    The tokenizer is the package's truncated CLIP BPE; the text encoder keeps CLIP's 49,408-row
+    embedding table so parameter counts and memory match SD 1.4.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(_read_json("unet.json"))
+    vae = AutoencoderKL.from_config(_read_json("vae.json"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_read_json("text_encoder.json")))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
+        scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _read_json(name: str) -> dict:
+    config = json.loads((SD14_CONFIGS / name).read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+
+# --------------------------------------------------------------------------------------------
+# Third-party erased UNets
+# --------------------------------------------------------------------------------------------
+def read_unet_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Tensors of an erased UNet and whether they claim to be complete.
+
+    `.pt/.pth/.bin/.ckpt`: a plain state dict (as STEREO's reference code saves it), read with
+    `weights_only=True` so no pickle code runs; `.safetensors`: a trained subset (ESD style) or a
+    full UNet; a folder: a diffusers UNet (`config.json` + weights).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"erased UNet weights not found: {path}")
+    if path.is_dir():
+        weights = [path / "diffusion_pytorch_model.safetensors", path / "unet" / "diffusion_pytorch_model.safetensors"]
+        found = next((w for w in weights if w.is_file()), None)
+        if found is None:
+            raise ModelLoadError(f"{path} holds no diffusion_pytorch_model.safetensors (a diffusers UNet folder)")
+        return _read_safetensors(found), True
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path), False
+    if path.suffix in TORCH_CHECKPOINT_SUFFIXES:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # corrupt file, or a pickle that weights_only refuses to execute
+            raise ModelLoadError(
+                f"could not read {path} as a tensor state dict ({type(err).__name__}: {err}). It is corrupt, "
+                "or it holds pickled objects that stereo refuses to execute (weights_only=True)."
+            ) from err
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelLoadError(f"{path} does not hold a flat {{name: tensor}} state dict")
+        return {_strip_prefix(k): v for k, v in state.items()}, True
+    raise ModelLoadError(
+        f"unknown erased-UNet format {path.suffix!r} for {path}; use a diffusers folder, .safetensors, "
+        f"or one of {', '.join(TORCH_CHECKPOINT_SUFFIXES)}"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return {_strip_prefix(k): v for k, v in load_file(str(path)).items()}
+    except Exception as err:
+        raise ModelLoadError(f"could not read {path} as safetensors ({err}); the file may be corrupt") from err
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "unet."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def load_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> list[str]:
+    """Overwrite `unet`'s tensors with an erased UNet's; returns the names loaded.
+
+    Unknown names, missing names (for a complete checkpoint) or shape mismatches raise an
+    error that lists a few of them, so a checkpoint of another architecture cannot load silently.
+    """
+    state, complete = read_unet_state_dict(path)
+    own = unet.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state)) if complete else []
+    shapes = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    if unexpected or missing or shapes:
+        raise ModelLoadError(
+            f"{path} does not match this UNet: {len(unexpected)} unexpected keys {unexpected[:5]}, "
+            f"{len(missing)} missing keys {missing[:5]}, {len(shapes)} shape mismatches {shapes[:5]}. "
+            "Is it a diffusers-format UNet of the same architecture?"
+        )
+    unet.load_state_dict(state, strict=False)
+    return sorted(state)
