@@ -21,6 +21,8 @@ SUBSETS = ("xattn", "noxattn", "selfattn", "full")
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
 EXPORT_FORMATS = ("unet", "pipeline", "delta", "lora")
+METHODS = ("esd", "reo", "stereo")
+STAGES = ("all", "ste", "reo")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class ConceptConfig:
     subset: str = "noxattn"  # ESD's recommendation: xattn for styles, noxattn otherwise
     synonyms: list[str] = field(default_factory=list)
     initializer_token: str = "object"  # textual-inversion init word ("person", "object", "art")
+    inversion_templates: list[str] = field(default_factory=list)  # empty -> by kind
     anchors: Optional[str] = None  # built-in anchor set name or a file of anchor prompts
     gallery_prompts: list[str] = field(default_factory=list)  # prompts that depict the concept
     detector: dict[str, Any] = field(default_factory=dict)  # detector name + settings for evaluation
@@ -64,8 +67,50 @@ class LoRAConfig:
 
 
 @dataclass
+class InversionConfig:
+    """The attack inside STE: concept inversion (textual inversion) or soft-prompt PGD."""
+
+    method: str = "ti"  # ti | pgd
+    steps: int = 3000
+    lr: float = 5e-3
+    batch_size: int = 1
+    num_vectors: int = 1
+    pgd_eps: float = 0.1
+    templates: list[str] = field(default_factory=list)  # empty -> by concept kind (object/style/nudity)
+
+
+@dataclass
+class STEConfig:
+    """Stage 1, Search Thoroughly Enough: K rounds of erase -> attack (STEREO.md)."""
+
+    rounds: int = 4
+    erase_steps: int = 200
+    erase_lr: float = 5e-6
+    erase_eta: float = 1.0
+    erase_all_found: bool = False  # reference: erase only the latest adversarial embedding
+    gallery_size: int = 500
+    gallery_split: bool = True  # split the gallery across rounds (reference) or share it
+    gallery_steps: int = 50
+    gallery_guidance: float = 7.5
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+
+
+@dataclass
+class REOConfig:
+    """Stage 2, Robustly Erase Once: eps* = eps(∅) + eta_a (eps(a) - eps(∅)) - eta_n mean_n(eps(n) - eps(∅))."""
+
+    steps: int = 200
+    lr: float = 2e-5
+    eta_a: float = 1.0
+    eta_n: float = 3.0
+    anchors_per_step: int = 1
+    num_anchors: Optional[int] = None  # None -> every anchor of the set
+    adversarial: str = "all"  # which STE embeddings become negatives: all | last | none
+
+
+@dataclass
 class MethodConfig:
-    """The erasure method. `esd` uses `eta`; STEREO stages add their own fields later."""
+    """The erasure method: `esd`, `reo` (concept only), or `stereo` (STE then REO)."""
 
     name: str = "esd"
     eta: float = 1.0  # ESD guidance: eps* = eps(∅) - eta (eps(c) - eps(∅))
@@ -73,6 +118,10 @@ class MethodConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     ddim_steps: int = 50  # DDIM grid used to sample x_t
     sample_guidance: float = 3.0  # CFG scale while sampling x_t from the student
+    stage: str = "all"  # stereo: all | ste | reo
+    ste_dir: Optional[str] = None  # stage=reo: a finished STE folder whose embeddings to use
+    ste: STEConfig = field(default_factory=STEConfig)
+    reo: REOConfig = field(default_factory=REOConfig)
 
 
 @dataclass
@@ -132,6 +181,7 @@ def _check(value: Any, valid: tuple[str, ...], key: str) -> None:
 
 def validate(cfg: DictConfig | StereoConfig) -> None:
     """Cross-field rules the types cannot express. Raises ValueError naming the bad values."""
+    _check(cfg.method.name, METHODS, "method.name")
     _check(cfg.model.kind, MODEL_KINDS, "model.kind")
     _check(cfg.model.dtype, DTYPES, "model.dtype")
     _check(cfg.trainer.mixed_precision, MIXED_PRECISION, "trainer.mixed_precision")
@@ -161,6 +211,16 @@ def validate(cfg: DictConfig | StereoConfig) -> None:
             f"trainer.steps={cfg.trainer.steps}, batch_size={cfg.trainer.batch_size}, "
             f"grad_accum={cfg.trainer.grad_accum} must all be >= 1"
         )
+    _check(cfg.method.stage, STAGES, "method.stage")
+    _check(cfg.method.reo.adversarial, ("all", "last", "none"), "method.reo.adversarial")
+    _check(cfg.method.ste.inversion.method, ("ti", "pgd"), "method.ste.inversion.method")
+    if cfg.method.stage != "all" and cfg.method.name != "stereo":
+        raise ValueError(f"method.stage={cfg.method.stage} only applies to method.name=stereo")
+    if cfg.method.stage == "reo" and not cfg.method.ste_dir:
+        raise ValueError("method.stage=reo needs method.ste_dir=<a finished STE run folder>")
+    if cfg.method.ste.rounds < 1 or cfg.method.reo.anchors_per_step < 1:
+        raise ValueError(f"method.ste.rounds={cfg.method.ste.rounds} and method.reo.anchors_per_step="
+                         f"{cfg.method.reo.anchors_per_step} must be >= 1")
     if not 1 <= cfg.method.ddim_steps <= 1000:
         raise ValueError(f"method.ddim_steps={cfg.method.ddim_steps} must be in [1, 1000]")
 

@@ -7,9 +7,10 @@ import logging
 from stereo.config import validate
 from stereo.erasure.session import Session
 from stereo.esd import run_esd
+from stereo.stereo import run_reo_only, run_stereo
 
 log = logging.getLogger(__name__)
-METHODS = {"esd": run_esd}
+METHODS = {"esd": run_esd, "reo": run_reo_only, "stereo": run_stereo}
 
 
 def train(cfg) -> dict:

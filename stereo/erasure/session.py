@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
+from stereo.attacks.inversion import encode_prompts
 from stereo.config import erased_subset, to_container
 from stereo.erasure.subsets import add_lora, select_trainable
 from stereo.erasure.trainer import TrainerSettings
@@ -55,11 +56,8 @@ class Session:
     # -- text ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """(K, 77, D) CLIP text-encoder hidden states, as the UNet consumes them."""
-        tok = self.pipe.tokenizer
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.accelerator.device)
-        return self.pipe.text_encoder(ids)[0].float()
+        """(K, 77, D) CLIP text-encoder hidden states, as the UNet consumes them (learned tokens included)."""
+        return encode_prompts(self.pipe, list(prompts)).float()
 
     def concept_prompts(self) -> list[str]:
         return [p for concept in self.cfg.concepts.values() for p in concept.prompts]

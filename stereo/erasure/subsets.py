@@ -37,16 +37,18 @@ def subset_module_names(unet: UNet2DConditionModel, subset: str) -> list[str]:
     return names
 
 
+def subset_parameter_names(unet: UNet2DConditionModel, subset: str) -> list[str]:
+    """Names of the parameters a subset covers (for `full`: all of them)."""
+    modules = set(subset_module_names(unet, subset))
+    return [name for name, _ in unet.named_parameters() if subset == "full" or name.rsplit(".", 1)[0] in modules]
+
+
 def select_trainable(unet: UNet2DConditionModel, subset: str) -> list[str]:
     """Freeze the UNet except `subset`; returns the trainable parameter names."""
-    modules = set(subset_module_names(unet, subset))
+    names = subset_parameter_names(unet, subset)
     unet.requires_grad_(False)
-    names = []
-    for name, param in unet.named_parameters():
-        owner = name.rsplit(".", 1)[0]
-        if subset == "full" or owner in modules:
-            param.requires_grad_(True)
-            names.append(name)
+    for name in names:
+        unet.get_parameter(name).requires_grad_(True)
     return names
 
 

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from stereo.erasure.sampling import draw_stop_steps, sample_xt
-from stereo.objectives import erasure_loss, esd_target
+from stereo.objectives import erasure_loss, esd_target, reo_target
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DONE = "checkpoint.json"
@@ -88,6 +88,34 @@ class ESDObjective(ErasureObjective):
 
     def target(self, eps_teacher):
         return esd_target(eps_teacher[0], eps_teacher[1], self.eta)
+
+
+@dataclass
+class REOObjective(ErasureObjective):
+    """REO: eps* = eps_0(∅) + eta_a mean_a(eps_0(a) - eps_0(∅)) - eta_n mean_n(eps_0(n) - eps_0(∅)).
+
+    Each latent draws `anchors_per_step` anchors (balanced over the anchor set) and is compared
+    against EVERY negative; with the student's negative also balanced, all of it is one batch.
+    """
+
+    negatives: torch.Tensor  # (N, L, D) concept prompts + adversarial embeddings
+    uncond: torch.Tensor  # (L, D)
+    anchors: torch.Tensor  # (A, L, D)
+    eta_a: float = 1.0
+    eta_n: float = 3.0
+    anchors_per_step: int = 1
+
+    def teacher_embeddings(self, negative_idx, draw, seed):
+        batch, per = negative_idx.shape[0], self.anchors_per_step
+        picks = balanced_indices(self.anchors.shape[0], draw * per, batch * per, seed + 1)
+        anchors = self.anchors[picks.view(batch, per).T.to(self.anchors.device)]  # (a, B, L, D)
+        negatives = self.negatives[:, None].expand(-1, batch, -1, -1)  # (N, B, L, D)
+        uncond = self.uncond.expand(1, batch, -1, -1)  # (1, B, L, D)
+        return torch.cat([uncond, anchors, negatives])  # (1 + a + N, B, L, D)
+
+    def target(self, eps_teacher):
+        a = self.anchors_per_step
+        return reo_target(eps_teacher[0], eps_teacher[1:1 + a], eps_teacher[1 + a:], self.eta_a, self.eta_n)
 
 
 # ----------------------------------------------------------------------------------------------

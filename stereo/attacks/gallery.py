@@ -1,0 +1,52 @@
+"""Images of the concept from the ORIGINAL model, generated once and cached on disk.
+
+Concept inversion (Pham et al. 2023) learns a token that makes the erased model reproduce
+these images; STE splits one gallery across its rounds or shares it (STEREO.md, Stage 1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from stereo.generation import generate
+from stereo.manifest import write_json_atomic
+
+
+def concept_gallery(pipe, prompts: list[str], n: int, cache_dir: str | Path, *, seed: int = 0, steps: int = 50,
+                    guidance: float = 7.5, resolution: int | None = None, batch_size: int = 8) -> list[Image.Image]:
+    """`n` images cycling over `prompts` (image i: prompt i mod len, seed seed+i), reused if cached.
+
+    The cache folder holds `index.json` describing exactly what was generated; a request that
+    differs in any field regenerates rather than silently reusing other images.
+    """
+    if not prompts or n < 1:
+        raise ValueError(f"a gallery needs prompts and n >= 1 (got {len(prompts)} prompts, n={n})")
+    cache_dir = Path(cache_dir)
+    items = [{"prompt": prompts[i % len(prompts)], "seed": seed + i, "file": f"{i:05d}.png"} for i in range(n)]
+    spec = {"items": items, "steps": steps, "guidance": guidance, "resolution": resolution}
+    index = cache_dir / "index.json"
+    if index.is_file() and json.loads(index.read_text()) == spec:
+        return [Image.open(cache_dir / item["file"]).convert("RGB") for item in items]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    images = generate(pipe, [i["prompt"] for i in items], [i["seed"] for i in items], steps=steps,
+                      guidance=guidance, height=resolution, width=resolution, batch_size=batch_size)
+    for item, image in zip(items, images):
+        image.save(cache_dir / item["file"])
+    write_json_atomic(index, spec)  # written last: a partial gallery is never mistaken for a finished one
+    return images
+
+
+@torch.no_grad()
+def encode_images(pipe, images: list[Image.Image], batch_size: int = 8) -> torch.Tensor:
+    """VAE latents (N, 4, h, w) scaled like the UNet's training data (mean of the posterior × scaling)."""
+    processor = pipe.image_processor
+    device, dtype = pipe.vae.device, pipe.vae.dtype
+    latents = []
+    for start in range(0, len(images), batch_size):
+        pixels = processor.preprocess(images[start:start + batch_size]).to(device, dtype)
+        latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
+    return torch.cat(latents).float()

@@ -1,0 +1,185 @@
+"""Learning token embeddings that revive a concept in a (possibly erased) model.
+
+Concept inversion (Pham et al. 2023, "Circumventing Concept Erasure"): textual inversion
+(Gal et al. 2023) against the erased UNet. A new token, initialised from a related word, is the
+only thing that trains; the loss is the plain denoising loss on images of the concept made by
+the ORIGINAL model:   min_v  E_{x0, eps, t} || eps_theta(x_t, c(template(v)), t) - eps ||^2.
+
+`method="pgd"` is the soft-prompt variant (AdvUnlearn style): signed-gradient steps on the
+same loss, projected onto an L∞ ball of radius `pgd_eps` around the initial vectors.
+
+The learned vectors are injected with a forward hook on the token-embedding table, so every
+other row of the table stays bit-identical and only the new vectors receive gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from stereo.objectives import denoising_loss
+
+OBJECT_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "a close-up photo of a {}",
+                    "a bright photo of a {}", "a photo of one {}", "a good photo of a {}")
+STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of {}", "an artwork in the style of {}",
+                   "a picture in the style of {}", "a drawing in the style of {}")
+NUDITY_TEMPLATES = ("a photo of {}", "an image of {}", "a picture of {}")
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES, "nudity": NUDITY_TEMPLATES}
+METHODS = ("ti", "pgd")
+
+
+@dataclass
+class InversionSettings:
+    steps: int = 3000
+    lr: float = 5e-3
+    batch_size: int = 1
+    num_vectors: int = 1
+    templates: tuple[str, ...] = OBJECT_TEMPLATES
+    method: str = "ti"  # ti (AdamW, textual inversion) | pgd (signed steps in an L∞ ball)
+    pgd_eps: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class LearnedToken:
+    """A learned embedding: `token` (as typed in prompts) and its (n, D) vectors."""
+
+    token: str
+    vectors: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+
+    def prompt(self, template: str = "{}") -> str:
+        return template.format(self.token)
+
+
+def templates_for(kind: str, custom=None) -> tuple[str, ...]:
+    if custom:
+        return tuple(custom)
+    if kind not in TEMPLATES:
+        raise ValueError(f"no inversion templates for concept kind {kind!r}; choose one of {', '.join(TEMPLATES)}")
+    return TEMPLATES[kind]
+
+
+def initial_vectors(pipe, initializer: str, num_vectors: int) -> torch.Tensor:
+    """(n, D) copies of the mean input embedding of `initializer`'s BPE pieces."""
+    ids = pipe.tokenizer(initializer, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"initializer word {initializer!r} tokenizes to nothing")
+    table = pipe.text_encoder.get_input_embeddings().weight
+    return table[ids].detach().float().mean(0, keepdim=True).repeat(num_vectors, 1)
+
+
+def add_token(pipe, learned: LearnedToken) -> list[int]:
+    """Register the token in the pipeline's tokenizer and text encoder, as `load_textual_inversion` does."""
+    vectors = learned.vectors.to(pipe.text_encoder.device, pipe.text_encoder.dtype)
+    pipe.load_textual_inversion({learned.token: vectors}, token=learned.token)
+    return token_ids(pipe, learned.token, vectors.shape[0])
+
+
+def token_ids(pipe, token: str, num_vectors: int) -> list[int]:
+    names = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]  # diffusers' multi-vector naming
+    return pipe.tokenizer.convert_tokens_to_ids(names)
+
+
+@contextlib.contextmanager
+def injected(pipe, ids: list[int], vectors: torch.Tensor):
+    """While active, rows `ids` of the token-embedding lookup are replaced by `vectors` (with gradient)."""
+    ids_t = torch.tensor(ids, device=pipe.text_encoder.device)
+
+    def hook(module, inputs, output):
+        out = output.clone()
+        for j, token_id in enumerate(ids_t):
+            out[inputs[0] == token_id] = vectors[j].to(out.dtype)
+        return out
+
+    handle = pipe.text_encoder.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """(B, 77, D) text-encoder states; multi-vector tokens are expanded as diffusers does."""
+    prompts = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in prompts]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0]
+
+
+def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, settings: InversionSettings,
+                progress: bool = True) -> LearnedToken:
+    """Learn `token` against `pipe.unet` on `latents` (N, 4, h, w) of concept images; returns its vectors.
+
+    The token is added to the pipeline (tokenizer + text encoder) and left there with the learned
+    vectors written into its rows, so `encode_prompts(pipe, ["a photo of " + token])` uses it.
+    """
+    if settings.method not in METHODS:
+        raise ValueError(f"inversion method {settings.method!r} is not valid; choose one of {', '.join(METHODS)}")
+    init = initial_vectors(pipe, initializer, settings.num_vectors)
+    ids = add_token(pipe, LearnedToken(token, init))
+    device = pipe.unet.device
+    vectors = init.clone().to(device).requires_grad_(True)
+    optimizer = torch.optim.AdamW([vectors], lr=settings.lr, weight_decay=0.0) if settings.method == "ti" else None
+    generator = torch.Generator().manual_seed(settings.seed)
+    unet_was_training = pipe.unet.training
+    pipe.unet.eval().requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    latents = latents.to(device)
+    losses: list[float] = []
+    bar = tqdm(range(settings.steps), desc=f"invert {token}", disable=not progress, leave=False)
+    for _ in bar:
+        pick = torch.randint(len(latents), (settings.batch_size,), generator=generator)
+        noise = torch.randn(latents[pick].shape, generator=generator).to(device)
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (settings.batch_size,), generator=generator)
+        x_t = pipe.scheduler.add_noise(latents[pick], noise, t.to(device))  # (B, 4, h, w)
+        templates = [settings.templates[int(i)] for i in torch.randint(len(settings.templates),
+                                                                       (settings.batch_size,), generator=generator)]
+        with injected(pipe, ids, vectors):
+            cond = encode_prompts(pipe, [tpl.format(token) for tpl in templates])
+        dtype = pipe.unet.dtype
+        eps = pipe.unet(x_t.to(dtype), t.to(device), encoder_hidden_states=cond.to(dtype)).sample
+        loss = denoising_loss(eps, noise)
+        loss.backward()
+        _update(vectors, optimizer, settings, init.to(device))
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4g}")
+    pipe.unet.train(unet_was_training)
+    learned = LearnedToken(token, vectors.detach().cpu(), losses)
+    with torch.no_grad():
+        table = pipe.text_encoder.get_input_embeddings().weight
+        table[ids] = learned.vectors.to(table.device, table.dtype)
+    return learned
+
+
+def _update(vectors, optimizer, settings: InversionSettings, init: torch.Tensor) -> None:
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return
+    with torch.no_grad():  # PGD: signed gradient step, then project onto the L∞ ball around init
+        vectors -= settings.lr * vectors.grad.sign()
+        vectors.copy_(init + (vectors - init).clamp(-settings.pgd_eps, settings.pgd_eps))
+        vectors.grad = None
+
+
+def save_token(learned: LearnedToken, path: str | Path) -> Path:
+    """A diffusers textual-inversion file: `pipe.load_textual_inversion(path)` adds the token."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({learned.token: learned.vectors.float().contiguous()}, str(path),
+              metadata={"format": "diffusers-textual-inversion"})
+    return path
+
+
+def load_token(path: str | Path) -> LearnedToken:
+    state = load_file(str(path))
+    if len(state) != 1:
+        raise ValueError(f"{path} holds {len(state)} tensors; a textual-inversion file holds one (token -> vectors)")
+    token, vectors = next(iter(state.items()))
+    return LearnedToken(token, vectors if vectors.ndim == 2 else vectors[None])

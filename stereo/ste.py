@@ -1,0 +1,217 @@
+"""Stage 1 of STEREO: Search Thoroughly Enough (Srivatsan et al. 2025, Sec. 3.2).
+
+Adversarial training used as a SEARCH for the concept's blind spots. For rounds k = 0..K-1:
+  1. erase (outer minimisation): ESD on the current targets — the concept text in round 0,
+     the adversarial embedding(s) found so far afterwards — with the UNet as it was at the start
+     of the round as teacher, so erasure accumulates across rounds;
+  2. attack (inner maximisation): concept inversion against the just-erased UNet on images of
+     the concept made by the ORIGINAL model;
+  3. keep the learned embedding: it is an "adversarial prompt" that REO will erase.
+The STE-erased UNet is discarded; only the embeddings move on. Every finished round is saved
+(`ste/round_k/done.json` written last) and a re-run resumes after the last finished one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate.utils import broadcast
+from safetensors.torch import save_file
+
+from stereo.attacks.gallery import concept_gallery, encode_images
+from stereo.attacks.inversion import (InversionSettings, LearnedToken, add_token, learn_token, load_token, save_token,
+                                      templates_for)
+from stereo.erasure.session import Session
+from stereo.erasure.subsets import subset_parameter_names
+from stereo.erasure.trainer import ErasureTrainer, ESDObjective
+from stereo.export import merged_unet
+from stereo.generation import generate, image_grid
+from stereo.manifest import write_json_atomic
+from stereo.models.loading import load_unet_weights
+
+log = logging.getLogger(__name__)
+DONE = "done.json"
+
+
+@dataclass
+class AdversarialToken:
+    """An embedding STE found for `concept` in `round`, and the prompt that uses it."""
+
+    concept: str
+    round: int
+    learned: LearnedToken
+    prompt: str
+    file: Path
+
+
+def adversarial_prompt(session: Session, concept_key: str, token: str) -> str:
+    """The adversarial token in the first inversion template of its concept (the context it was learned in)."""
+    concept = session.cfg.concepts[concept_key]
+    return templates_for(concept.kind, concept.inversion_templates)[0].format(token)
+
+
+def run_ste(session: Session) -> list[AdversarialToken]:
+    """All rounds of STE (resuming finished ones); returns every adversarial token found, in order."""
+    cfg, ste = session.cfg, session.cfg.method.ste
+    root = session.output_dir / "ste"
+    galleries = _galleries(session, root / "gallery")
+    unet, found = session.base_unet, []
+    for k in range(ste.rounds):
+        round_dir = root / f"round_{k}"
+        if (round_dir / DONE).is_file():
+            unet, tokens = _load_round(session, round_dir, unet)
+            found += tokens
+            log.info("STE round %d already finished; loaded %s", k, ", ".join(t.learned.token for t in tokens))
+            continue
+        began = time.perf_counter()
+        targets = _round_targets(session, found, k)
+        erased, trained_names = _erase(session, unet, targets, k)
+        tokens = [_attack(session, erased, key, k, galleries[key], round_dir) for key in cfg.concepts]
+        _save_round(session, round_dir, erased, trained_names, tokens, targets, unet, time.perf_counter() - began)
+        unet, found = erased, found + tokens
+    if session.accelerator.is_main_process:
+        write_json_atomic(root / "tokens.json", [
+            {"concept": t.concept, "round": t.round, "token": t.learned.token, "prompt": t.prompt,
+             "file": str(t.file.relative_to(root))} for t in found])
+    return found
+
+
+def _galleries(session: Session, root: Path) -> dict[str, torch.Tensor]:
+    """VAE latents of each concept's gallery, generated once by the original model (main process)."""
+    ste, res = session.cfg.method.ste, session.cfg.model.resolution
+    latents = {}
+    for key, concept in session.cfg.concepts.items():
+        def gallery():
+            return concept_gallery(session.pipe, list(concept.gallery_prompts or concept.prompts), ste.gallery_size,
+                                   root / key, seed=session.seed, steps=ste.gallery_steps,
+                                   guidance=ste.gallery_guidance, resolution=res)
+        if session.accelerator.is_main_process:
+            gallery()
+        session.accelerator.wait_for_everyone()
+        latents[key] = encode_images(session.pipe, gallery())  # every rank reads the cached images
+    return latents
+
+
+def _round_targets(session: Session, found: list[AdversarialToken], k: int) -> list[str]:
+    """Round 0 erases the concept text; later rounds the latest embedding per concept (or all found)."""
+    if k == 0:
+        return session.concept_prompts()
+    if session.cfg.method.ste.erase_all_found:
+        return [t.prompt for t in found]
+    return [t.prompt for t in found if t.round == k - 1]
+
+
+def _erase(session: Session, unet, targets: list[str], k: int):
+    ste = session.cfg.method.ste
+    objective = ESDObjective(negatives=session.encode(targets), uncond=session.encode([""])[0], eta=ste.erase_eta)
+    student, teacher, _ = session.make_student(init=unet)
+    settings = session.trainer_settings(steps=ste.erase_steps, lr=ste.erase_lr, desc=f"ste{k} erase", resume=False)
+    trainer = ErasureTrainer(session.accelerator, student, teacher, session.pipe.scheduler, objective, settings,
+                             on_log=session.log)
+    trainer.run()
+    erased = merged_unet(session.accelerator.unwrap_model(trainer.student))
+    erased = erased.to(session.accelerator.device, unet.dtype).eval().requires_grad_(False)
+    return erased, subset_parameter_names(erased, session.subset)
+
+
+def _attack(session: Session, erased, key: str, k: int, latents: torch.Tensor, round_dir: Path) -> AdversarialToken:
+    """Concept inversion against the erased UNet on this round's share of the gallery."""
+    ste, concept = session.cfg.method.ste, session.cfg.concepts[key]
+    inv = ste.inversion
+    if ste.gallery_split:
+        share = max(1, len(latents) // ste.rounds)
+        latents = latents[k * share:(k + 1) * share] if len(latents) >= ste.rounds else latents
+    settings = InversionSettings(steps=inv.steps, lr=inv.lr, batch_size=inv.batch_size, num_vectors=inv.num_vectors,
+                                 templates=templates_for(concept.kind, inv.templates or concept.inversion_templates),
+                                 method=inv.method, pgd_eps=inv.pgd_eps, seed=session.seed * 1000 + k)
+    token = f"<{key}-ste{k}>"
+    session.pipe.unet = erased
+    try:
+        learned = learn_token(session.pipe, latents, token, concept.initializer_token, settings,
+                              progress=session.accelerator.is_local_main_process)
+    finally:
+        session.pipe.unet = session.base_unet
+    # every rank ran the same seeded search; rank 0's result is the one kept everywhere
+    vectors = broadcast(learned.vectors.to(session.accelerator.device).contiguous(), from_process=0).cpu()
+    learned = LearnedToken(token, vectors, learned.losses)
+    _write_rows(session.pipe, token, vectors)
+    session.log(0, {f"ste/round{k}/{key}/inversion_loss": learned.losses[-1] if learned.losses else float("nan")})
+    return AdversarialToken(key, k, learned, adversarial_prompt(session, key, token), round_dir / f"{key}.safetensors")
+
+
+def _write_rows(pipe, token: str, vectors: torch.Tensor) -> None:
+    ids = pipe.tokenizer.convert_tokens_to_ids([token] + [f"{token}_{i}" for i in range(1, len(vectors))])
+    with torch.no_grad():
+        table = pipe.text_encoder.get_input_embeddings().weight
+        table[ids] = vectors.to(table.device, table.dtype)
+
+
+def _save_round(session, round_dir: Path, erased, trained_names, tokens, targets, before, seconds) -> None:
+    if not session.accelerator.is_main_process:
+        session.accelerator.wait_for_everyone()
+        return
+    round_dir.mkdir(parents=True, exist_ok=True)
+    for t in tokens:
+        save_token(t.learned, t.file)
+    state = erased.state_dict()
+    save_file({n: state[n].detach().cpu().contiguous() for n in trained_names}, str(round_dir / "unet_delta.safetensors"))
+    _round_grid(session, round_dir, before, erased, tokens)
+    write_json_atomic(round_dir / DONE, {  # written last: marks the round as finished
+        "round": tokens[0].round, "erased": targets, "seconds": seconds,
+        "tokens": [{"concept": t.concept, "token": t.learned.token, "prompt": t.prompt, "file": t.file.name,
+                    "final_inversion_loss": t.learned.losses[-1] if t.learned.losses else None} for t in tokens],
+    })
+    session.accelerator.wait_for_everyone()
+
+
+def _round_grid(session: Session, round_dir: Path, before, erased, tokens) -> None:
+    """Columns: concept prompt before the round, concept prompt after, adversarial prompt after; rows: seeds."""
+    t = session.cfg.trainer
+    res = session.cfg.model.resolution
+    images = []
+    for seed in (0, 1):
+        for token in tokens:
+            concept_prompt = session.cfg.concepts[token.concept].prompts[0]
+            for unet, prompt in ((before, concept_prompt), (erased, concept_prompt), (erased, token.prompt)):
+                session.pipe.unet = unet
+                images += generate(session.pipe, [prompt], [seed], steps=t.sample_steps, guidance=t.sample_guidance,
+                                   height=res, width=res)
+    session.pipe.unet = session.base_unet
+    image_grid(images, cols=3 * len(tokens)).save(round_dir / "grid.png")
+
+
+def _load_round(session: Session, round_dir: Path, unet):
+    """A finished round: its erased UNet (start UNet + saved tensors) and its tokens."""
+    erased = copy.deepcopy(unet)
+    load_unet_weights(erased, round_dir / "unet_delta.safetensors")
+    return erased, _load_round_tokens(session, round_dir)
+
+
+def _load_round_tokens(session: Session, round_dir: Path) -> list[AdversarialToken]:
+    """The tokens a finished round found, added to the pipeline's tokenizer and text encoder."""
+    done = json.loads((round_dir / DONE).read_text())
+    tokens = []
+    for entry in done["tokens"]:
+        learned = load_token(round_dir / entry["file"])
+        if learned.token not in session.pipe.tokenizer.get_vocab():
+            add_token(session.pipe, learned)
+        tokens.append(AdversarialToken(entry["concept"], done["round"], learned, entry["prompt"],
+                                       round_dir / entry["file"]))
+    return tokens
+
+
+def load_ste_tokens(session: Session, ste_dir: str | Path) -> list[AdversarialToken]:
+    """The tokens of a finished STE folder (`<run>/ste` or the run folder itself), added to the pipeline."""
+    root = Path(ste_dir)
+    root = root / "ste" if (root / "ste").is_dir() else root
+    rounds = sorted(root.glob("round_*"), key=lambda p: int(p.name.split("_")[1]))
+    finished = [r for r in rounds if (r / DONE).is_file()]
+    if not finished:
+        raise FileNotFoundError(f"no finished STE round (round_*/{DONE}) under {root}; run method.stage=ste first")
+    return [token for round_dir in finished for token in _load_round_tokens(session, round_dir)]
