@@ -25,8 +25,15 @@ from accelerate.utils import broadcast
 from safetensors.torch import save_file
 
 from stereo.attacks.gallery import concept_gallery, encode_images
-from stereo.attacks.inversion import (InversionSettings, LearnedToken, add_token, learn_token, load_token, save_token,
-                                      templates_for)
+from stereo.attacks.inversion import (
+    InversionSettings,
+    LearnedToken,
+    add_token,
+    learn_token,
+    load_token,
+    save_token,
+    templates_for,
+)
 from stereo.erasure.session import Session
 from stereo.erasure.subsets import subset_parameter_names
 from stereo.erasure.trainer import ErasureTrainer, ESDObjective

@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from stereo.attacks.gallery import concept_gallery, encode_images
-from stereo.attacks.inversion import (InversionSettings, encode_prompts, learn_token, load_token, save_token,
-                                      templates_for)
+from stereo.attacks.inversion import (
+    InversionSettings,
+    encode_prompts,
+    learn_token,
+    load_token,
+    save_token,
+    templates_for,
+)
 from stereo.models.tiny import tiny_pipeline
 
 

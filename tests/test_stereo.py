@@ -36,7 +36,7 @@ def test_stereo_end_to_end_writes_rounds_tokens_and_export(fast_cfg, tmp_path):
         assert done["tokens"][0]["token"] == f"<circle-ste{k}>"
         assert (ste / f"round_{k}" / "grid.png").is_file()
         assert (ste / f"round_{k}" / "unet_delta.safetensors").is_file()
-    assert json.loads((ste / f"round_1" / "done.json").read_text())["erased"] == ["a photo of a <circle-ste0>"]
+    assert json.loads((ste / "round_1" / "done.json").read_text())["erased"] == ["a photo of a <circle-ste0>"]
     assert [t["token"] for t in json.loads((ste / "tokens.json").read_text())] == ["<circle-ste0>", "<circle-ste1>"]
     manifest = json.loads((out["export_dir"] / "manifest.json").read_text())
     assert manifest["adversarial_tokens"] == ["<circle-ste0>", "<circle-ste1>"]
