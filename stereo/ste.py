@@ -94,14 +94,13 @@ def _galleries(session: Session, root: Path) -> dict[str, torch.Tensor]:
     ste, res = session.cfg.method.ste, session.cfg.model.resolution
     latents = {}
     for key, concept in session.cfg.concepts.items():
-        def gallery():
-            return concept_gallery(session.pipe, list(concept.gallery_prompts or concept.prompts), ste.gallery_size,
-                                   root / key, seed=session.seed, steps=ste.gallery_steps,
-                                   guidance=ste.gallery_guidance, resolution=res)
+        request = dict(prompts=list(concept.gallery_prompts or concept.prompts), n=ste.gallery_size,
+                       cache_dir=root / key, seed=session.seed, steps=ste.gallery_steps,
+                       guidance=ste.gallery_guidance, resolution=res)
         if session.accelerator.is_main_process:
-            gallery()
+            concept_gallery(session.pipe, **request)
         session.accelerator.wait_for_everyone()
-        latents[key] = encode_images(session.pipe, gallery())  # every rank reads the cached images
+        latents[key] = encode_images(session.pipe, concept_gallery(session.pipe, **request))  # cached: loads
     return latents
 
 
@@ -167,7 +166,8 @@ def _save_round(session, round_dir: Path, erased, trained_names, tokens, targets
     for t in tokens:
         save_token(t.learned, t.file)
     state = erased.state_dict()
-    save_file({n: state[n].detach().cpu().contiguous() for n in trained_names}, str(round_dir / "unet_delta.safetensors"))
+    delta = {n: state[n].detach().cpu().contiguous() for n in trained_names}
+    save_file(delta, str(round_dir / "unet_delta.safetensors"))
     _round_grid(session, round_dir, before, erased, tokens)
     write_json_atomic(round_dir / DONE, {  # written last: marks the round as finished
         "round": tokens[0].round, "erased": targets, "seconds": seconds,

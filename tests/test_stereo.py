@@ -17,7 +17,8 @@ TINY_STEREO = ["method=stereo", "method.ste.rounds=2", "method.ste.erase_steps=1
 
 def test_reo_objective_batches_uncond_anchors_and_every_negative():
     g = torch.Generator().manual_seed(0)
-    neg, unc, anc = torch.randn(3, 77, 8, generator=g), torch.randn(77, 8, generator=g), torch.randn(5, 77, 8, generator=g)
+    neg, unc = torch.randn(3, 77, 8, generator=g), torch.randn(77, 8, generator=g)
+    anc = torch.randn(5, 77, 8, generator=g)
     obj = REOObjective(negatives=neg, uncond=unc, anchors=anc, eta_a=1.0, eta_n=3.0, anchors_per_step=2)
     emb = obj.teacher_embeddings(torch.tensor([0, 2]), draw=0, seed=0)
     assert emb.shape == (1 + 2 + 3, 2, 77, 8)
