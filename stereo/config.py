@@ -35,7 +35,7 @@ class ModelConfig:
     revision: Optional[str] = None
     single_file_config: Optional[str] = None  # local diffusers folder holding the component configs
     dtype: str = "fp32"  # dtype of the frozen parts (teacher, text encoder, VAE)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (accelerate places the trained model)
+    device: str = "auto"  # auto (accelerate's choice: the process's GPU if any) | cpu
     resolution: int = 512  # image size in pixels used when sampling x_t
     unet_weights: Optional[str] = None  # a third-party erased UNet to load on top (.pt/.safetensors/folder)
     seed: int = 0  # random init of tiny / sd14-random
@@ -184,6 +184,7 @@ def validate(cfg: DictConfig | StereoConfig) -> None:
     _check(cfg.method.name, METHODS, "method.name")
     _check(cfg.model.kind, MODEL_KINDS, "model.kind")
     _check(cfg.model.dtype, DTYPES, "model.dtype")
+    _check(cfg.model.device, ("auto", "cpu"), "model.device")
     _check(cfg.trainer.mixed_precision, MIXED_PRECISION, "trainer.mixed_precision")
     _check(cfg.logger.name, LOGGERS, "logger.name")
     _check(cfg.logger.mode, WANDB_MODES, "logger.mode")

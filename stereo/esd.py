@@ -15,6 +15,7 @@ def run_esd(session: Session) -> dict:
     trainer = ErasureTrainer(
         session.accelerator, student, teacher, session.pipe.scheduler, objective, session.trainer_settings(),
         checkpoint_dir=session.output_dir / "checkpoints", on_log=session.log,
+        on_sample=session.sampler(prompts, "esd"),
     )
     result = trainer.run()
     unet = session.accelerator.unwrap_model(trainer.student).eval()

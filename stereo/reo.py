@@ -58,7 +58,8 @@ def run_reo(session: Session, tokens: list[AdversarialToken] | None = None) -> d
     student, teacher, names = session.make_student()
     trainer = ErasureTrainer(session.accelerator, student, teacher, session.pipe.scheduler, objective,
                              session.trainer_settings(steps=reo.steps, lr=reo.lr, desc="reo"),
-                             checkpoint_dir=session.output_dir / "checkpoints", on_log=session.log)
+                             checkpoint_dir=session.output_dir / "checkpoints", on_log=session.log,
+                             on_sample=session.sampler(session.concept_prompts(), "reo"))
     result = trainer.run()
     unet = session.accelerator.unwrap_model(trainer.student).eval()
     export_dir = session.export(unet, names, erased=negatives, anchors=len(anchors),

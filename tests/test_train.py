@@ -170,3 +170,9 @@ def test_cli_multirun_sweeps_concepts(tmp_path):
     assert len(jobs) == 2
     erased = [json.loads((j / "export" / "manifest.json").read_text())["erased"] for j in jobs]
     assert sorted(erased) == [["church"], ["parachute"]]
+
+
+def test_sample_grids_during_training(fast_cfg, tmp_path):
+    train(fast_cfg("trainer.steps=2", "trainer.sample_every=1", "export.formats=[delta]"))
+    samples = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
+    assert samples == ["esd.png", "esd_step0000001.png", "esd_step0000002.png"]

@@ -87,7 +87,8 @@ class Session:
             batch_size=t.batch_size, grad_accum=t.grad_accum, weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm, gradient_checkpointing=t.gradient_checkpointing,
             checkpoint_every=t.checkpoint_every, resume=t.resume if resume is None else resume,
-            log_every=t.log_every, ddim_steps=m.ddim_steps, sample_guidance=m.sample_guidance,
+            log_every=t.log_every, sample_every=t.sample_every, ddim_steps=m.ddim_steps,
+            sample_guidance=m.sample_guidance,
             latent_size=self.cfg.model.resolution // self.pipe.vae_scale_factor, seed=self.seed, desc=desc,
         )
 
@@ -104,6 +105,10 @@ class Session:
         self._log_step += 1
         self.accelerator.log(metrics, step=self._log_step)
 
+    def sampler(self, prompts: list[str], desc: str):
+        """An `on_sample` callback for the trainer: a base-vs-erased grid named after the step."""
+        return lambda step, unet: self.save_samples(unet, prompts, f"{desc}_step{step:07d}")
+
     def save_samples(self, unet, prompts: list[str], name: str, seeds=(0, 1)) -> Path | None:
         """A grid (rows: base model, erased model; columns: prompt × seed) saved as PNG and logged."""
         if not self.accelerator.is_main_process:
@@ -111,12 +116,15 @@ class Session:
         t = self.cfg.trainer
         cols = [(p, s) for p in prompts for s in seeds]
         images = []
+        was_training = unet.training
+        unet.eval()
         for model in (self.base_unet, unet):
             self.pipe.unet = model
             images += generate(self.pipe, [p for p, _ in cols], [s for _, s in cols], steps=t.sample_steps,
                                guidance=t.sample_guidance, height=self.cfg.model.resolution,
                                width=self.cfg.model.resolution)
         self.pipe.unet = self.base_unet
+        unet.train(was_training)
         path = self.output_dir / "samples" / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid = image_grid(images, cols=len(cols))

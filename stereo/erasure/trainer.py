@@ -133,6 +133,7 @@ class TrainerSettings:
     checkpoint_every: int = 0
     resume: bool = False
     log_every: int = 1
+    sample_every: int = 0  # call on_sample(step, unet) every N steps (0 = never)
     ddim_steps: int = 50
     sample_guidance: float = 3.0
     latent_size: int = 64  # resolution // the VAE's downsampling factor
@@ -167,12 +168,13 @@ class ErasureTrainer:
     """
 
     def __init__(self, accelerator: Accelerator, student, teacher, scheduler, objective: ErasureObjective,
-                 settings: TrainerSettings, checkpoint_dir: Path | None = None, on_log=None):
+                 settings: TrainerSettings, checkpoint_dir: Path | None = None, on_log=None, on_sample=None):
         self.accelerator = accelerator
         self.settings = settings
         self.scheduler = scheduler
         self.checkpoint_dir = checkpoint_dir
         self.on_log = on_log  # callable(step, metrics) for loggers
+        self.on_sample = on_sample  # callable(step, unet) for sample grids during training
         if settings.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         params = [p for p in student.parameters() if p.requires_grad]
@@ -264,6 +266,8 @@ class ErasureTrainer:
             bar.set_postfix(loss=f"{total:.4g}")
             if self.on_log is not None and (step + 1) % max(s.log_every, 1) == 0:
                 self.on_log(step + 1, {f"{s.desc}/loss": total})
+            if self.on_sample is not None and s.sample_every and (step + 1) % s.sample_every == 0:
+                self.on_sample(step + 1, self._unwrapped)
             if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
                 self.save_checkpoint(step + 1)
         bar.close()
