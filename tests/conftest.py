@@ -43,3 +43,25 @@ def tiny_pipe_dir(tmp_path_factory, tiny_pipe):
     path = tmp_path_factory.mktemp("tiny_pipe")
     tiny_pipe.save_pretrained(path)
     return path
+
+
+def save_tiny_clip(folder: Path, seed: int = 0, **config_overrides) -> Path:
+    """A randomly initialised CLIPModel + CLIPProcessor (32 px, truncated CLIP BPE) saved to `folder`."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from stereo.models.tiny import BOS_ID, EOS_ID, load_clip_tokenizer
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"vocab_size": 8192, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": BOS_ID,
+                     "eos_token_id": EOS_ID, "pad_token_id": EOS_ID},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16, **config_overrides,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=load_clip_tokenizer()).save_pretrained(folder)
+    return folder

@@ -27,7 +27,7 @@ from stereo.evaluation.detectors import (
     register_detector,
 )
 from stereo.evaluation.moderation import OpenAIModerationJudge
-from stereo.models.tiny import BOS_ID, EOS_ID, load_clip_tokenizer
+from tests.conftest import save_tiny_clip
 
 
 # --- NudeNet ----------------------------------------------------------------------------------
@@ -160,22 +160,7 @@ def test_image_classifier_errors(resnet_dir, tmp_path):
 # --- CLIP zero-shot ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    torch.manual_seed(1)
-    config = CLIPConfig(
-        text_config={"vocab_size": 8192, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": BOS_ID,
-                     "eos_token_id": EOS_ID, "pad_token_id": EOS_ID},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=16, logit_scale_init_value=4.0,
-    )
-    folder = tmp_path_factory.mktemp("clip")
-    CLIPModel(config).save_pretrained(folder)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=processor, tokenizer=load_clip_tokenizer()).save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), seed=1, logit_scale_init_value=4.0)
 
 
 def test_clip_zero_shot_is_softmax_over_prompts(clip_dir):

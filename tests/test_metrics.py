@@ -27,7 +27,7 @@ from stereo.evaluation.inception import (
     InceptionFeatureExtractor,
     load_fid_inception,
 )
-from stereo.models.tiny import BOS_ID, EOS_ID, load_clip_tokenizer
+from tests.conftest import save_tiny_clip
 
 
 # --- FID maths --------------------------------------------------------------------------------
@@ -239,22 +239,7 @@ def test_inception_loads_a_checkpoint_without_batch_counters(tmp_path, inception
 # --- CLIP score -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"vocab_size": 8192, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": BOS_ID,
-                     "eos_token_id": EOS_ID, "pad_token_id": EOS_ID},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    folder = tmp_path_factory.mktemp("clip")
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=load_clip_tokenizer()).save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), seed=0)
 
 
 def manual_clip_scores(folder, images, prompts):
