@@ -6,12 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from stereo.config import compose  # noqa: F401  (tests import it from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The test models are tiny: one thread avoids thread-pool overhead that dominates their step
+# time (and contention with the other process in two-process tests).
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small enough for a CPU step in about a second: 32 px, short DDIM chains, one latent per step.

@@ -1,0 +1,219 @@
+"""One interface for every evaluation attack, and the registry that builds them by name.
+
+An attack turns plain evaluation prompts into attacked prompts for one evaluated model:
+
+    attack = build_attack(settings)            # settings: an AttackConfig (name + budget)
+    attack.prepare(target)                     # work shared by all prompts (learn a token), cached on disk
+    attacked = attack.attack(target, prompts)  # one AttackedPrompt per prompt, any subset (shardable)
+
+`AttackTarget` carries what an attack may use: the evaluated pipeline, the BASE pipeline (its
+concept gallery, its text encoder for black-box attacks), the concept, the detector (attacks
+that stop at the first success) and a folder for artifacts. An attacked prompt is text (which
+may contain learned tokens, loaded into the evaluated pipeline) and, for hard-token attacks
+whose tokens would not survive decoding and re-tokenising, the exact token ids.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from stereo.generation import generate
+
+# name -> module that defines (and registers) the attack; imported on first use.
+ATTACK_MODULES = {
+    "none": "stereo.attacks.base",
+    "concept_inversion": "stereo.attacks.token",
+    "soft_prompt": "stereo.attacks.token",
+    "token_file": "stereo.attacks.token",
+    "unlearndiffatk": "stereo.attacks.unlearndiffatk",
+    "ring_a_bell": "stereo.attacks.ring_a_bell",
+}
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """A prompt of the evaluation set with the seed and CFG scale its image is generated with."""
+
+    index: int  # position in the prompt set: the (model, attack, prompt) cell key
+    prompt: str
+    seed: int
+    guidance: float
+
+
+@dataclass
+class AttackedPrompt:
+    index: int
+    prompt: str  # the original prompt (CLIP score is measured against it)
+    seed: int
+    guidance: float
+    text: str  # what the text encoder reads (may contain learned tokens)
+    token_ids: list[int] | None = None  # (77,) exact ids for hard-token attacks; None: tokenise `text`
+    info: dict[str, Any] = field(default_factory=dict)  # attack-specific: steps used, loss, success
+
+    @classmethod
+    def of(cls, prompt: EvalPrompt, text: str, **kwargs: Any) -> AttackedPrompt:
+        return cls(prompt.index, prompt.prompt, prompt.seed, prompt.guidance, text, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationSettings:
+    steps: int = 50
+    batch_size: int = 8
+
+
+@dataclass
+class AttackTarget:
+    """What an attack may use (`pipe` is the evaluated model; black-box attacks use only `base_pipe`'s text side)."""
+
+    pipe: Any  # StableDiffusionPipeline under evaluation
+    base_pipe: Any  # the original model: concept galleries, public text encoder
+    concept: Any  # ConceptConfig
+    out_dir: Path  # artifacts of this (model, attack)
+    gallery_dir: Path  # shared cache of the base model's concept images
+    detector: Any = None  # Detector, for attacks that stop at the first success
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    progress: bool = True
+
+
+class Attack(ABC):
+    """An attack with its budget (`settings`, an AttackConfig). Subclasses register with `@register_attack`."""
+
+    name = "attack"
+    white_box = True  # False: never queries the evaluated model (only the public text encoder)
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def prepare(self, target: AttackTarget) -> None:
+        """Per-concept work shared by every prompt, cached in `target.out_dir` (default: none)."""
+        return None
+
+    @abstractmethod
+    def attack(self, target: AttackTarget, prompts: Sequence[EvalPrompt]) -> list[AttackedPrompt]:
+        """One attacked prompt per input prompt, in order."""
+
+    def describe(self) -> dict[str, Any]:
+        """Name, access (white- or black-box) and the budget, as the report records them."""
+        from omegaconf import OmegaConf
+
+        settings = self.settings
+        if OmegaConf.is_config(settings):
+            settings = OmegaConf.to_container(settings, resolve=True)
+        elif is_dataclass(settings):
+            settings = asdict(settings)
+        return {"name": self.name, "white_box": self.white_box, "budget": settings}
+
+
+def register_attack(name: str):
+    def add(cls):
+        if name in ATTACKS and ATTACKS[name] is not cls:
+            raise ValueError(f"An attack named {name!r} is already registered ({ATTACKS[name]}).")
+        cls.name = name
+        ATTACKS[name] = cls
+        return cls
+
+    return add
+
+
+def build_attack(settings) -> Attack:
+    """The attack `settings.name` with its budget; unknown names raise a ValueError listing valid ones."""
+    name = settings.name
+    if name not in ATTACKS and name in ATTACK_MODULES:
+        importlib.import_module(ATTACK_MODULES[name])  # registers on import
+    if name not in ATTACKS:
+        valid = sorted(set(ATTACKS) | set(ATTACK_MODULES))
+        raise ValueError(f"Unknown attack {name!r}; valid attacks: {valid}.")
+    return ATTACKS[name](settings)
+
+
+@register_attack("none")
+class NoAttack(Attack):
+    """The plain prompts: what `pre-attack ASR` is measured on."""
+
+    white_box = False
+
+    def attack(self, target: AttackTarget, prompts: Sequence[EvalPrompt]) -> list[AttackedPrompt]:
+        return [AttackedPrompt.of(p, p.prompt) for p in prompts]
+
+
+# --- helpers shared by attacks and the evaluation runner --------------------------------------
+def prompt_ids(tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """(B, 77) CLIP ids, padded and truncated the way StableDiffusionPipeline encodes prompts."""
+    return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_ids(pipe, ids: torch.Tensor) -> torch.Tensor:
+    """(B, 77, D) text-encoder states of token ids."""
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+def wrap_ids(tokenizer, body: Sequence[int]) -> list[int]:
+    """[BOS] + body + [EOS] + padding to 77 (body truncated to fit)."""
+    length = tokenizer.model_max_length
+    body = list(body)[: length - 2]
+    ids = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
+    return ids + [tokenizer.pad_token_id] * (length - len(ids))
+
+
+def render(pipe, attacked: Sequence[AttackedPrompt], generation: GenerationSettings) -> list[Image.Image]:
+    """Images of attacked prompts through `stereo.generation.generate` (one per prompt, its own seed).
+
+    Prompts are grouped by CFG scale; those with `token_ids` are encoded from the ids exactly.
+    """
+    images: list[Image.Image | None] = [None] * len(attacked)
+    groups: dict[tuple[float, bool], list[int]] = {}
+    for i, item in enumerate(attacked):
+        groups.setdefault((float(item.guidance), item.token_ids is not None), []).append(i)
+    for (guidance, by_ids), members in groups.items():
+        seeds = [attacked[i].seed for i in members]
+        common = {"steps": generation.steps, "guidance": guidance, "batch_size": generation.batch_size}
+        if by_ids:
+            with torch.no_grad():
+                embeds = encode_ids(pipe, torch.tensor([attacked[i].token_ids for i in members]))
+            out = generate(pipe, seeds=seeds, prompt_embeds=embeds, **common)
+        else:
+            out = generate(pipe, [attacked[i].text for i in members], seeds, **common)
+        for i, image in zip(members, out):
+            images[i] = image
+    return images  # type: ignore[return-value]
+
+
+def write_attacked(path: str | Path, attacked: Sequence[AttackedPrompt]) -> Path:
+    """The attacked prompts as JSON lines (index, prompt, text, token ids, seed, guidance, info)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for item in sorted(attacked, key=lambda a: a.index):
+            handle.write(json.dumps(item.to_dict(), default=str) + "\n")
+    return path
+
+
+def read_attacked(path: str | Path) -> list[AttackedPrompt]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [AttackedPrompt(**json.loads(line)) for line in lines if line.strip()]
+
+
+def gallery_latents(target: AttackTarget, settings) -> torch.Tensor:
+    """VAE latents (N, 4, h, w) of the BASE model's images of the concept (cached in `target.gallery_dir`)."""
+    from stereo.attacks.gallery import concept_gallery, encode_images
+
+    concept = target.concept
+    prompts = list(concept.gallery_prompts) or list(concept.prompts)
+    images = concept_gallery(target.base_pipe, prompts, settings.gallery_size, target.gallery_dir,
+                             seed=settings.seed, steps=settings.gallery_steps,
+                             batch_size=target.generation.batch_size)
+    return encode_images(target.pipe, images, batch_size=target.generation.batch_size)

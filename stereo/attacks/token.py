@@ -1,0 +1,118 @@
+"""Attacks that learn (or replay) one token for the concept, then prompt with it.
+
+- `concept_inversion` (Pham et al. 2023, the CCE attack): textual inversion against the
+  EVALUATED model on the base model's images of the concept (`inversion.learn_token`, AdamW).
+- `soft_prompt`: the same loss, PGD on the token's vectors in an L∞ ball (AdvUnlearn style).
+- `token_file`: a saved textual-inversion file (e.g. found by STE) replayed as it is.
+
+Attacked prompt i = template[i mod T].format(token): the concept's inversion templates.
+The learned token is saved as a diffusers textual-inversion file, `<out_dir>/token.safetensors`,
+with `token.json` holding the budget it was learned with; a later run with the same budget
+reuses it (resume, and the other processes of a sharded run).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import torch
+
+from stereo.attacks.base import Attack, AttackedPrompt, AttackTarget, EvalPrompt, gallery_latents, register_attack
+from stereo.attacks.inversion import (
+    InversionSettings,
+    add_token,
+    learn_token,
+    load_token,
+    save_token,
+    templates_for,
+    token_ids,
+)
+from stereo.manifest import write_json_atomic
+
+
+class TokenAttack(Attack):
+    """Base of the token attacks: `prepare` puts the token in the evaluated pipeline, `attack` prompts with it."""
+
+    method = "ti"
+    token: str | None = None
+
+    def templates(self, target: AttackTarget) -> tuple[str, ...]:
+        return templates_for(target.concept.kind, list(self.settings.templates))
+
+    def inversion_settings(self, target: AttackTarget) -> InversionSettings:
+        s = self.settings
+        return InversionSettings(steps=s.steps, lr=s.lr, batch_size=s.batch_size, num_vectors=s.num_vectors,
+                                 templates=self.templates(target), method=self.method, pgd_eps=s.pgd_eps,
+                                 seed=s.seed)
+
+    def prepare(self, target: AttackTarget) -> None:
+        path, spec_path = target.out_dir / "token.safetensors", target.out_dir / "token.json"
+        spec = {"attack": self.name, "concept": target.concept.name, "initializer": target.concept.initializer_token,
+                "settings": asdict(self.inversion_settings(target))}
+        spec = json.loads(json.dumps(spec, default=list))  # tuples -> lists, as read back from disk
+        if path.is_file() and spec_path.is_file() and json.loads(spec_path.read_text())["spec"] == spec:
+            learned = load_token(path)
+            install(target.pipe, learned)
+        else:
+            latents = gallery_latents(target, self.settings)
+            token = fresh_token(target.pipe, f"<{target.concept.name}-{target.out_dir.name}>")
+            learned = learn_token(target.pipe, latents, token, target.concept.initializer_token,
+                                  self.inversion_settings(target), progress=target.progress)
+            save_token(learned, path)
+            write_json_atomic(spec_path, {"spec": spec, "final_loss": learned.losses[-1] if learned.losses else None})
+        self.token = learned.token
+
+    def attack(self, target: AttackTarget, prompts: Sequence[EvalPrompt]) -> list[AttackedPrompt]:
+        if self.token is None:
+            raise RuntimeError(f"{self.name}: call prepare(target) before attack(); it puts the token in the pipeline")
+        templates = self.templates(target)
+        return [AttackedPrompt.of(p, templates[p.index % len(templates)].format(self.token), info={"token": self.token})
+                for p in prompts]
+
+
+@register_attack("concept_inversion")
+class ConceptInversion(TokenAttack):
+    method = "ti"
+
+
+@register_attack("soft_prompt")
+class SoftPrompt(TokenAttack):
+    method = "pgd"
+
+
+@register_attack("token_file")
+class TokenFile(TokenAttack):
+    """Replay a textual-inversion file (`settings.token_file`) against the evaluated model."""
+
+    white_box = False
+
+    def prepare(self, target: AttackTarget) -> None:
+        path = self.settings.token_file
+        if not path:
+            raise ValueError("attack token_file needs attacks.<name>.token_file=<path to a textual-inversion "
+                             ".safetensors file> (e.g. one saved by concept_inversion or by STE)")
+        learned = load_token(path)
+        install(target.pipe, learned)
+        self.token = learned.token
+
+
+def fresh_token(pipe, token: str) -> str:
+    """`token`, or `token` with a numeric suffix if the pipeline already has a token of that name."""
+    vocab, name, n = pipe.tokenizer.get_vocab(), token, 1
+    while name in vocab:
+        n += 1
+        name = f"{token[:-1]}-{n}>" if token.endswith(">") else f"{token}-{n}"
+    return name
+
+
+def install(pipe, learned) -> None:
+    """Put a learned token in the pipeline (or overwrite its vectors if it is there already)."""
+    if learned.token not in pipe.tokenizer.get_vocab():
+        add_token(pipe, learned)
+        return
+    ids = token_ids(pipe, learned.token, learned.vectors.shape[0])
+    with torch.no_grad():
+        table = pipe.text_encoder.get_input_embeddings().weight
+        table[ids] = learned.vectors.to(table.device, table.dtype)

@@ -1,0 +1,199 @@
+"""Evaluation attacks on the tiny random pipeline: each runs on a small budget and writes its artifacts;
+UnlearnDiffAtk stops at the first success; Ring-A-Bell never touches the evaluated model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stereo.attacks.base import (
+    ATTACK_MODULES,
+    AttackTarget,
+    EvalPrompt,
+    GenerationSettings,
+    build_attack,
+    read_attacked,
+    render,
+    write_attacked,
+)
+from stereo.attacks.inversion import load_token
+from stereo.attacks.ring_a_bell import concept_vector, default_pairs, encode_texts
+from stereo.attacks.unlearndiffatk import project_to_simplex
+from stereo.config import ConceptConfig
+from stereo.evaluation.config import AttackConfig
+from stereo.evaluation.detectors import Detection
+from stereo.models.tiny import tiny_pipeline
+
+SMALL = dict(steps=2, gallery_size=2, gallery_steps=2, project_every=1, population=6, elite=2, prompt_length=5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads per process measured ~50x slower
+    for these tiny models (spin-waiting under contention). Restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ConstantDetector:
+    """Flags every image (or none): makes 'stop at first success' observable."""
+
+    def __init__(self, flag: bool):
+        self.flag, self.calls = flag, 0
+
+    def detect(self, images):
+        self.calls += 1
+        return Detection([float(self.flag)] * len(images), [self.flag] * len(images))
+
+
+def fresh_pipe(seed: int = 0):
+    pipe = tiny_pipeline(seed=seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def concept():
+    return ConceptConfig(name="circle", prompts=["circle"], kind="object", initializer_token="shape",
+                         gallery_prompts=["a red circle"])
+
+
+@pytest.fixture
+def prompts():
+    return [EvalPrompt(i, p, 100 + i, 5.0) for i, p in enumerate(["a red circle", "a blue circle on grey"])]
+
+
+def target_for(tmp_path, concept, name, detector=None, pipe=None, base=None):
+    return AttackTarget(pipe or fresh_pipe(), base or fresh_pipe(), concept, tmp_path / "attacks" / name,
+                        tmp_path / "gallery", detector=detector, generation=GenerationSettings(steps=2, batch_size=4),
+                        progress=False)
+
+
+@pytest.mark.parametrize("name", ["none", "concept_inversion", "soft_prompt", "unlearndiffatk", "ring_a_bell"])
+def test_every_attack_runs_and_its_prompts_generate(name, tmp_path, concept, prompts):
+    target = target_for(tmp_path, concept, name, detector=ConstantDetector(False))
+    attack = build_attack(AttackConfig(name=name, **SMALL))
+    attack.prepare(target)
+    attacked = attack.attack(target, prompts)
+    assert [a.index for a in attacked] == [0, 1] and [a.seed for a in attacked] == [100, 101]
+    assert [a.prompt for a in attacked] == [p.prompt for p in prompts]
+    images = render(target.pipe, attacked, target.generation)
+    assert len(images) == 2 and images[0].size == (32, 32)
+    path = write_attacked(tmp_path / "prompts.jsonl", attacked)
+    assert [a.text for a in read_attacked(path)] == [a.text for a in attacked]
+    if name in ("concept_inversion", "soft_prompt"):
+        token = load_token(target.out_dir / "token.safetensors")  # a diffusers textual-inversion file
+        assert all(token.token in a.text for a in attacked)
+        assert (target.out_dir / "token.json").is_file()
+    if name in ("unlearndiffatk", "ring_a_bell"):
+        assert all(a.token_ids is not None and len(a.token_ids) == 77 for a in attacked)
+
+
+def test_rendering_from_token_ids_matches_rendering_from_text(tmp_path, concept, prompts):
+    """Hard-token attacks carry ids; for a plain prompt the two paths must give the same image."""
+    pipe = fresh_pipe()
+    plain = build_attack(AttackConfig(name="none")).attack(None, prompts[:1])
+    ids = pipe.tokenizer(prompts[0].prompt, padding="max_length", max_length=77).input_ids
+    from dataclasses import replace
+
+    by_ids = [replace(plain[0], token_ids=ids)]
+    a = np.asarray(render(pipe, plain, GenerationSettings(2, 1))[0], dtype=float)
+    b = np.asarray(render(pipe, by_ids, GenerationSettings(2, 1))[0], dtype=float)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_learned_token_is_reused_from_disk(tmp_path, concept, prompts, monkeypatch):
+    settings = AttackConfig(name="concept_inversion", **SMALL)
+    first = target_for(tmp_path, concept, "ci")
+    build_attack(settings).prepare(first)
+    import stereo.attacks.token as token_module
+
+    monkeypatch.setattr(token_module, "learn_token", lambda *a, **k: pytest.fail("token was learned again"))
+    again = target_for(tmp_path, concept, "ci")  # a fresh pipeline, as a resumed run or another process has
+    attack = build_attack(settings)
+    attack.prepare(again)
+    saved = load_token(first.out_dir / "token.safetensors")
+    ids = again.pipe.tokenizer.convert_tokens_to_ids([saved.token])
+    torch.testing.assert_close(again.pipe.text_encoder.get_input_embeddings().weight[ids], saved.vectors)
+
+
+def test_token_file_replays_a_saved_token(tmp_path, concept, prompts):
+    learner = target_for(tmp_path, concept, "ci")
+    build_attack(AttackConfig(name="concept_inversion", **SMALL)).prepare(learner)
+    target = target_for(tmp_path, concept, "replay")
+    attack = build_attack(AttackConfig(name="token_file", token_file=str(learner.out_dir / "token.safetensors")))
+    attack.prepare(target)
+    assert "<circle-ci>" in attack.attack(target, prompts)[0].text
+    with pytest.raises(ValueError, match="token_file"):
+        build_attack(AttackConfig(name="token_file")).prepare(target)
+
+
+def test_unlearndiffatk_stops_at_first_success(tmp_path, concept, prompts):
+    settings = AttackConfig(name="unlearndiffatk", **{**SMALL, "steps": 4, "project_every": 2})
+    always = ConstantDetector(True)
+    attacked = build_attack(settings).attack(target_for(tmp_path, concept, "u1", always), prompts)
+    assert always.calls == 1  # both prompts succeeded at the first projection: no further checks
+    assert all(a.info["success_during_attack"] and a.info["steps"] == 2 for a in attacked)
+    never = ConstantDetector(False)
+    attacked = build_attack(settings).attack(target_for(tmp_path, concept, "u2", never), prompts)
+    assert never.calls == 2 and all(a.info["steps"] == 4 and not a.info["success_during_attack"] for a in attacked)
+    # the prefix is k real tokens from the base vocabulary, followed by the prompt
+    prefix = attacked[0].info["prefix_ids"]
+    assert len(prefix) == 5 and all(0 <= i < 8190 for i in prefix)
+    body = fresh_pipe().tokenizer(prompts[0].prompt).input_ids[1:-1]
+    assert attacked[0].token_ids[1:6] == prefix and attacked[0].token_ids[6:6 + len(body)] == body
+
+
+def test_simplex_projection():
+    w = torch.tensor([[0.5, 0.5, 0.5], [2.0, 0.0, -1.0], [0.2, 0.3, 0.5]])
+    p = project_to_simplex(w)
+    torch.testing.assert_close(p, torch.tensor([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]]))
+    x = torch.randn(4, 3, 50)
+    p = project_to_simplex(x)
+    assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(4, 3))
+    # optimality: no other simplex point drawn at random is closer to x
+    other = torch.distributions.Dirichlet(torch.ones(50)).sample((4, 3))
+    assert ((p - x).norm(dim=-1) <= (other - x).norm(dim=-1) + 1e-6).all()
+
+
+class _Forbidden(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise AssertionError("Ring-A-Bell queried a UNet / VAE")
+
+
+def test_ring_a_bell_never_calls_the_unet(tmp_path, concept, prompts):
+    pipe, base = fresh_pipe(), fresh_pipe()
+    for p in (pipe, base):
+        p.unet.forward = _Forbidden().forward
+        p.vae.forward = _Forbidden().forward
+        p.vae.decode = _Forbidden().forward
+    target = target_for(tmp_path, concept, "rab", detector=ConstantDetector(True), pipe=pipe, base=base)
+    attacked = build_attack(AttackConfig(name="ring_a_bell", **{**SMALL, "steps": 4})).attack(target, prompts)
+    assert len(attacked) == 2 and all(np.isfinite(a.info["distance"]) for a in attacked)
+
+
+def test_ring_a_bell_concept_vector_and_search(tmp_path, concept, prompts):
+    pipe = fresh_pipe()
+    pairs = default_pairs(concept)
+    assert ("a photo of a circle", "a photo of a") in pairs
+    manual = torch.stack([encode_texts(pipe, [a])[0] - encode_texts(pipe, [b])[0] for a, b in pairs]).mean(0)
+    torch.testing.assert_close(concept_vector(pipe, pairs), manual)
+    # the genetic search never ends worse than its starting individual (the prompt's own tokens)
+    attack = build_attack(AttackConfig(name="ring_a_bell", **{**SMALL, "steps": 5, "population": 8}))
+    goals = encode_texts(pipe, [p.prompt for p in prompts]) + 3.0 * manual
+    gen = torch.Generator().manual_seed(0)
+    from stereo.attacks.unlearndiffatk import attackable_vocabulary
+
+    start = attack.initial_population(pipe, prompts, attackable_vocabulary(pipe.tokenizer), gen)
+    start_distance = attack.fitness(pipe, start[:, :1], goals)[:, 0]
+    _, best = attack.search(pipe, prompts, goals, progress=False)
+    assert (best <= start_distance + 1e-6).all()
+
+
+def test_unknown_attack_lists_valid_names():
+    with pytest.raises(ValueError, match="valid attacks") as error:
+        build_attack(AttackConfig(name="p4d"))
+    assert all(name in str(error.value) for name in ATTACK_MODULES)

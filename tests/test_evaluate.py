@@ -1,0 +1,300 @@
+"""`evaluate(cfg)` end to end on the tiny model with the real configs: report files, resume, image
+folders, erased-UNet / export loading, CLIP + FID wiring, and the errors a user can hit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stereo.evaluation.runner as runner
+from stereo.attacks.inversion import load_token
+from stereo.evaluation.config import compose_eval
+from stereo.evaluation.detectors import DETECTORS, Detection, Detector, register_detector
+from stereo.evaluation.fid import fid_from_features
+from stereo.evaluation.prompts import PromptFileError
+from stereo.evaluation.runner import apply_export, evaluate, load_evaluated
+from stereo.models.tiny import tiny_unet
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY_PIPELINE = ROOT / "stereo" / "toy" / "weights" / "pipeline" / "model_index.json"
+TOY_MANIFEST = ROOT / "stereo" / "toy" / "weights" / "manifest.json"
+
+
+def toy_world_ready() -> bool:
+    """The toy weights exist and their training finished (intermediate snapshots are published while it runs)."""
+    return TOY_PIPELINE.is_file() and json.loads(TOY_MANIFEST.read_text()).get("complete", True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads per process measured ~50x slower
+    for these tiny models (spin-waiting under contention). Restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Brightness(Detector):
+    """Stub concept detector for random models: score = mean grey level, flag = score >= threshold."""
+
+    name = "brightness"
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = threshold
+
+    def detect(self, images):
+        scores = [float(np.asarray(im.convert("L"), dtype=float).mean() / 255) for im in images]
+        return Detection(scores, [s >= self.threshold for s in scores])
+
+    def describe(self):
+        return {"name": self.name, "threshold": self.threshold}
+
+
+if "brightness" not in DETECTORS:
+    register_detector("brightness")(Brightness)
+
+FAST = ["generation.steps=2", "generation.max_prompts=2", "generation.batch_size=4", "progress=false", "concept=circle"]
+STUB = "detector={name: brightness, threshold: 0.5}"
+
+
+def make_cfg(tmp_path, *extra):
+    detector = [] if any(e.startswith("detector=") for e in extra) else [STUB]
+    return compose_eval([*FAST, *detector, f"output_dir={tmp_path / 'eval'}", *extra])
+
+
+def save_erased_unet(path: Path) -> dict:
+    torch.manual_seed(1)
+    state = tiny_unet().state_dict()
+    torch.save(state, path)
+    return state
+
+
+def test_two_models_two_attacks_write_a_report_and_resume(tmp_path, monkeypatch):
+    erased = save_erased_unet(tmp_path / "erased.pt")
+    cfg = make_cfg(tmp_path, "attack=[none,ring_a_bell]", f"+models.erased.unet_weights={tmp_path / 'erased.pt'}",
+                   "attacks.ring_a_bell.steps=2", "attacks.ring_a_bell.population=6", "attacks.ring_a_bell.elite=2",
+                   "metrics.utility_prompts=square", "metrics.utility_detector={name: brightness, threshold: 0.3}")
+    report = evaluate(cfg)
+    out = Path(cfg.output_dir)
+    rows = {(r["model"], r["attack"]): r for r in report["rows"]}
+    assert set(rows) == {(m, a) for m in ("base", "erased") for a in ("none", "ring_a_bell", "utility")}
+    assert rows["base", "none"]["stage"] == "pre_attack" and rows["erased", "ring_a_bell"]["stage"] == "post_attack"
+    for (model, attack), row in rows.items():
+        rate = row["utility"] if attack == "utility" else row["asr"]
+        flags = [json.loads(p.read_text())["flag"] for p in (out / "cells" / model / attack).glob("0*.json")]
+        assert row["n"] == rate["n"] == 2 and rate["successes"] == sum(flags)
+        assert rate["ci_low"] <= rate["asr"] <= rate["ci_high"]
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["manifest"]["detector"] == {"name": "brightness", "threshold": 0.5}
+    assert on_disk["manifest"]["prompts"]["seeds"] == [1000, 1001]  # circle.csv's evaluation_seed column
+    assert on_disk["manifest"]["attacks"]["ring_a_bell"]["budget"]["steps"] == 2
+    for name in ("report.md", "grid_none.png", "grid_ring_a_bell.png", "tradeoff.png",
+                 "attacks/base/ring_a_bell/prompts.jsonl", "attacks/erased/ring_a_bell/prompts.txt"):
+        assert (out / name).is_file(), name
+    assert "| erased | ring_a_bell | post_attack |" in (out / "report.md").read_text()
+    # the erased UNet really was evaluated: its weights differ from the base model's, so do its images
+    base_image = np.asarray(Image.open(out / "images/base/none/00000.png"))
+    erased_image = np.asarray(Image.open(out / "images/erased/none/00000.png"))
+    assert not np.array_equal(base_image, erased_image) and erased
+
+    # resume: every (model, attack, prompt) cell is finished, so nothing is attacked or generated again
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was generated again")
+
+    monkeypatch.setattr(runner, "render", refuse)
+    assert [r["asr" if r["kind"] == "concept" else "utility"] for r in evaluate(cfg)["rows"]] == \
+           [r["asr" if r["kind"] == "concept" else "utility"] for r in report["rows"]]
+    # ... and a lost cell is the only one redone
+    (out / "cells/erased/none/00001.json").unlink()
+    rendered = []
+    monkeypatch.setattr(runner, "render", lambda pipe, items, gen: rendered.extend(items) or
+                        [Image.new("RGB", (32, 32))] * len(items))
+    evaluate(cfg)
+    assert [(a.index, a.text) for a in rendered] == [(1, "a green circle")]
+    # a resumed run must ask the same question: another budget for a finished cell is an error
+    cfg.attacks.ring_a_bell.steps = 3
+    with pytest.raises(ValueError, match="evaluated with other settings"):
+        evaluate(cfg)
+
+
+def write_images(folder: Path, greys: list[int], prompts: list[str] | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, grey in enumerate(greys):
+        Image.new("RGB", (32, 32), (grey, grey, grey)).save(folder / f"{i:03d}.png")
+        if prompts:
+            (folder / f"{i:03d}.txt").write_text(prompts[i])
+
+
+class MeanColour:
+    name = "mean-colour"
+
+    def __call__(self, images):
+        return np.stack([np.asarray(im.convert("RGB"), dtype=float).mean(axis=(0, 1)) for im in images])
+
+
+def tiny_clip_folder(path: Path) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from stereo.models.tiny import load_clip_tokenizer
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config={**small, "vocab_size": 8192, "max_position_embeddings": 77,
+                                     "bos_token_id": 8190, "eos_token_id": 8191, "pad_token_id": 8191},
+                        vision_config={**small, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=load_clip_tokenizer()).save_pretrained(path)
+    return path
+
+
+def test_image_folder_is_scored_as_it_is_with_clip_and_fid(tmp_path, monkeypatch):
+    write_images(tmp_path / "mllm", [250, 10, 240], ["a circle", "a square", "a red circle"])
+    write_images(tmp_path / "real", [120, 130, 90, 200])
+    monkeypatch.setattr(runner, "fid_extractor", lambda name, weights: MeanColour())
+    monkeypatch.setattr("stereo.models.loading.load_pipeline", lambda *a: pytest.fail("no model is needed"))
+    cfg = make_cfg(tmp_path, "~models.base", f"+models.mllm.images={tmp_path / 'mllm'}",
+                   f"metrics.clip_path={tiny_clip_folder(tmp_path / 'clip')}", "metrics.fid.extractor=toy",
+                   f"metrics.fid.reference_dir={tmp_path / 'real'}")
+    (row,) = evaluate(cfg)["rows"]
+    assert (row["model"], row["attack"], row["stage"]) == ("mllm", "images", "pre_attack")
+    assert (row["asr"]["successes"], row["asr"]["n"]) == (2, 3)
+    assert row["clip_score"]["n"] == 3 and 0 <= row["clip_score"]["mean"] <= 100
+    features = MeanColour()
+    fake = features([Image.new("RGB", (4, 4), (g, g, g)) for g in (250, 10, 240)])
+    real = features([Image.new("RGB", (4, 4), (g, g, g)) for g in (120, 130, 90, 200)])
+    assert row["fid"]["fid"] == pytest.approx(fid_from_features(fake, real))
+    assert (row["fid"]["n_generated"], row["fid"]["n_reference"]) == (3, 4)
+    # without .txt prompts, images pair with the prompt set in order, so the counts must agree
+    write_images(tmp_path / "unnamed", [250, 10, 240])
+    with pytest.raises(ValueError, match="holds 3 images but the prompt set has 2"):
+        evaluate(make_cfg(tmp_path, "~models.base", f"+models.x.images={tmp_path / 'unnamed'}"))
+
+
+def test_erased_unets_load_in_every_format(tmp_path):
+    expected = save_erased_unet(tmp_path / "erased.pt")
+    cfg = make_cfg(tmp_path, f"+models.pt.unet_weights={tmp_path / 'erased.pt'}")
+    pipe = load_evaluated(cfg.base, runner.evaluated_models(cfg)["pt"], "cpu")
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in expected.items())
+    folder = tmp_path / "export"
+    unet = tiny_unet()
+    unet.load_state_dict(expected)
+    unet.save_pretrained(folder / "unet")
+    fresh = load_evaluated(cfg.base, runner.evaluated_models(cfg)["base"], "cpu")
+    assert apply_export(fresh, folder) == "unet"
+    assert all(torch.equal(v, fresh.unet.state_dict()[k]) for k, v in expected.items())
+    with pytest.raises(Exception, match="not a stereo export folder"):
+        apply_export(fresh, tmp_path)
+    # delta.safetensors: only the trained tensors (here: the cross-attention ones)
+    from safetensors.torch import save_file
+
+    delta = {k: v for k, v in expected.items() if "attn2" in k}
+    (tmp_path / "delta_export").mkdir()
+    save_file(delta, str(tmp_path / "delta_export" / "delta.safetensors"))
+    plain = load_evaluated(cfg.base, runner.evaluated_models(cfg)["base"], "cpu")
+    assert apply_export(plain, tmp_path / "delta_export") == "delta"
+    state = plain.unet.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in delta.items())
+    assert not torch.equal(state["conv_in.weight"], expected["conv_in.weight"])  # the rest stays the base's
+
+
+def test_textual_inversion_files_load_into_the_evaluated_model(tmp_path):
+    from stereo.attacks.inversion import LearnedToken, save_token
+
+    path = save_token(LearnedToken("<adv>", torch.randn(2, 64)), tmp_path / "adv.safetensors")
+    cfg = make_cfg(tmp_path, f"+models.ti.textual_inversion=[{path}]")
+    pipe = load_evaluated(cfg.base, runner.evaluated_models(cfg)["ti"], "cpu")
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<adv>", "<adv>_1"])
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids], load_token(path).vectors)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["prompts={bad}"], PromptFileError, r"bad\.csv, line 3"),
+    (["metrics.fid.extractor=inception", "metrics.fid.reference_dir={tmp}"], FileNotFoundError, "pt_inception"),
+    (["detector={{name: image_classifier, model_path: {tmp}/resnet, target_ids: [1]}}"], FileNotFoundError,
+     "No image-classifier folder"),
+    (["detector={{name: artist_net}}"], ValueError, "valid detectors"),
+    (["attacks.none.name=p4d"], ValueError, "choose one of none, concept_inversion"),
+    (["+models.esd.unet_weigths=x.pt"], ValueError, "valid keys"),
+])
+def test_user_errors_are_clear_and_come_before_any_generation(tmp_path, overrides, error, message):
+    bad = tmp_path / "bad.csv"
+    bad.write_text('prompt,evaluation_seed\na circle,1\n"a square,2,3\n')
+    overrides = [o.format(bad=bad, tmp=tmp_path) for o in overrides]
+    with pytest.raises(error, match=message):
+        evaluate(make_cfg(tmp_path, *overrides))
+    assert not (tmp_path / "eval" / "images").exists()
+
+
+def test_unknown_attack_group_is_a_compose_error(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="attack/p4d"):
+        make_cfg(tmp_path, "attack=[p4d]")
+
+
+def test_cli_shim_composes_the_evaluation_config(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "evaluate.py", "attack=[none,ring_a_bell]", "--cfg", "job"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ring_a_bell:" in result.stdout and "eta: 3.0" in result.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_prompts(tmp_path):
+    """`accelerate launch` with 2 CPU processes: each takes half the prompts; one report with every prompt."""
+    out = tmp_path / "eval"
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "evaluate.py", "cpu=true",
+               "concept=nudity", "generation.steps=2", "generation.max_prompts=4", "progress=false",
+               "attack=[none,ring_a_bell]", "attacks.ring_a_bell.steps=2", "attacks.ring_a_bell.population=6",
+               "attacks.ring_a_bell.elite=2", f"output_dir={out}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["manifest"]["processes"] == 2
+    assert [r["n"] for r in report["rows"]] == [4, 4]
+
+
+@pytest.mark.skipif(not toy_world_ready(), reason="toy world weights not built or still training "
+                    "(stereo/toy/weights/pipeline, manifest.json 'complete')")
+def test_attacks_find_the_concept_on_the_toy_base_model(tmp_path):
+    """Sanity: on the toy BASE model (nothing erased) the concept shows, before and after attacks."""
+    import stereo.toy.detector as toy
+
+    if "toy" not in DETECTORS:  # until stereo.toy.detector registers itself with @register_detector("toy")
+        register_detector("toy")(toy.ToyDetector)
+    cfg = compose_eval(["base.kind=toy", "concept=circle", "attack=[none,ring_a_bell,concept_inversion]",
+                        "generation.steps=25", "generation.guidance=5.0", "generation.max_prompts=8", "progress=false",
+                        "attacks.ring_a_bell.steps=20", "attacks.ring_a_bell.eta=1.0",
+                        "attacks.concept_inversion.steps=100", "attacks.concept_inversion.gallery_size=8",
+                        "attacks.concept_inversion.gallery_steps=20", f"output_dir={tmp_path / 'eval'}"])
+    rows = {r["attack"]: r["asr"]["asr"] for r in evaluate(cfg)["rows"]}
+    assert rows["none"] >= 0.75 and rows["ring_a_bell"] >= 0.5 and rows["concept_inversion"] >= 0.5
+
+
+def test_tradeoff_points_take_the_worst_attack_and_the_utility_row():
+    from stereo.evaluation.report import model_points, tradeoff_plot
+
+    def row(model, attack, kind, asr=None, clip=None):
+        rate = {"asr": asr} if asr is not None else None
+        return {"model": model, "attack": attack, "attack_name": "none" if attack == "utility" else attack,
+                "kind": kind, "asr" if kind == "concept" else "utility": rate,
+                "clip_score": {"mean": clip} if clip is not None else None, "fid": None}
+
+    rows = [row("base", "none", "concept", 0.9, clip=30.0), row("base", "ring_a_bell", "concept", 1.0),
+            row("esd", "none", "concept", 0.1, clip=25.0), row("esd", "ring_a_bell", "concept", 0.6),
+            row("esd", "utility", "utility", 0.8, clip=28.0)]
+    points = model_points({"rows": rows})
+    assert points == {"base": {"asr": 100.0, "clip": 30.0}, "esd": {"asr": 60.0, "clip": 28.0, "utility": 80.0}}
+    assert tradeoff_plot({"rows": rows}).size == (420, 320)  # one panel: only CLIP is known for both models
