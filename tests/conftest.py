@@ -29,7 +29,10 @@ def fast_cfg(tmp_path):
     """Compose with FAST overrides + extra ones, output in a temp folder."""
 
     def make(*extra: str):
-        return compose(FAST + [f"output_dir={tmp_path / 'run'}", *extra])
+        # ESD on church unless a test picks otherwise (the app's default is STEREO on the toy world)
+        chosen = {e.split("=")[0] for e in extra}
+        groups = [g for g in ("method=esd", "concept=church") if g.split("=")[0] not in chosen]
+        return compose(FAST + groups + [f"output_dir={tmp_path / 'run'}", *extra])
 
     return make
 

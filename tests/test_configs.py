@@ -63,8 +63,8 @@ def test_validate_names_the_bad_value(override, message):
 
 def test_concepts_with_different_default_subsets_need_an_explicit_subset():
     with pytest.raises(ValueError, match="set method.subset explicitly"):
-        validate(compose(["concept=[church,vangogh]"]))
-    validate(compose(["concept=[church,vangogh]", "method.subset=xattn"]))
+        validate(compose(["model=sd14", "concept=[church,vangogh]"]))
+    validate(compose(["model=sd14", "concept=[church,vangogh]", "method.subset=xattn"]))
 
 
 def test_no_concept_is_an_error():

@@ -12,7 +12,7 @@ from stereo.train import train
 
 TINY_STEREO = ["method=stereo", "method.ste.rounds=2", "method.ste.erase_steps=1", "method.ste.gallery_size=2",
                "method.ste.gallery_steps=2", "method.ste.inversion.steps=2", "method.ste.inversion.lr=0.05",
-               "method.reo.steps=2", "method.reo.num_anchors=8", "concept=circle"]
+               "method.reo.steps=2", "method.reo.num_anchors=8", "concept=circle", "concepts.circle.prompts=[circle]"]
 
 
 def test_reo_objective_batches_uncond_anchors_and_every_negative():
@@ -91,7 +91,8 @@ def test_reo_stage_from_a_finished_ste_folder(fast_cfg, tmp_path):
 
 
 def test_reo_only_and_errors(fast_cfg, tmp_path):
-    out = train(fast_cfg("method=reo", "concept=circle", "method.reo.steps=1", "method.reo.num_anchors=4"))
+    out = train(fast_cfg("method=reo", "concept=circle", "concepts.circle.prompts=[circle]", "method.reo.steps=1",
+                         "method.reo.num_anchors=4"))
     assert out["negatives"] == ["circle"] and len(out["anchors"]) == 4
     with pytest.raises(ValueError, match="method.ste_dir"):
         train(fast_cfg("method=stereo", "method.stage=reo"))

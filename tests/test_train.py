@@ -161,7 +161,7 @@ def test_run_writes_config_and_provenance(fast_cfg, tmp_path):
 
 
 def test_cli_multirun_sweeps_concepts(tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), "--multirun", "concept=church,parachute", "model=tiny",
+    cmd = [sys.executable, str(ROOT / "train.py"), "--multirun", "concept=church,parachute", "model=tiny", "method=esd",
            "trainer.steps=1", "method.ddim_steps=3", "trainer.sample_steps=2", "export.formats=[delta]",
            f"output_dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -12,8 +12,8 @@ from tests.conftest import FAST, compose  # noqa: E402
 
 
 def main(out: Path) -> None:
-    cfg = compose(FAST + [f"output_dir={out / 'run'}", "trainer.cpu=true", "trainer.steps=2", "trainer.lr=1e-3",
-                          "export.formats=[delta]"])
+    cfg = compose(FAST + ["method=esd", "concept=church", f"output_dir={out / 'run'}", "trainer.cpu=true",
+                          "trainer.steps=2", "trainer.lr=1e-3", "export.formats=[delta]"])
     result = train(cfg)
     from accelerate import PartialState
 

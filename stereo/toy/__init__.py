@@ -1,0 +1,51 @@
+"""The embedded toy world: an "MNIST of concept erasure" that runs on a CPU.
+
+Scenes of coloured shapes on grey backgrounds (`scenes`), a detector that reads them
+(`detector`), a tiny CLIP (`clip`) and a small latent-diffusion StableDiffusionPipeline
+(`diffusion`), all regenerated from a seed by `python -m stereo.toy.train` and committed in
+`stereo/toy/weights/`. Erasing "circle" or "red", attacking it back and checking that
+"square" survives are all real and measurable here. See docs/toy_world.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TOY_WEIGHTS_DIR = Path(__file__).parent / "weights"
+_HOW_TO_FIX = "run `python -m stereo.toy.train` (about an hour on 2 CPU cores) to regenerate them"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"toy weights missing: {path} does not exist; {_HOW_TO_FIX}")
+    return path
+
+
+def load_toy_pipeline(weights_dir: Path | str | None = None):
+    """The toy StableDiffusionPipeline (fp32, CPU), loaded offline from the committed folder."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    path = _require(Path(weights_dir or TOY_WEIGHTS_DIR) / "pipeline")
+    return StableDiffusionPipeline.from_pretrained(
+        path, local_files_only=True, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
+
+
+def load_toy_clip(weights_dir: Path | str | None = None):
+    """The toy CLIPModel (transformers format), loaded offline, in eval mode."""
+    from transformers import CLIPModel
+
+    path = _require(Path(weights_dir or TOY_WEIGHTS_DIR) / "clip")
+    return CLIPModel.from_pretrained(path, local_files_only=True).eval()
+
+
+def load_toy_detector(concept: str, threshold: float = 0.5, weights_dir: Path | str | None = None):
+    """A `ToyDetector` for one concept (shape, colour, background or "{colour} {shape}")."""
+    from stereo.toy.detector import ToyDetector
+
+    weights = Path(weights_dir or TOY_WEIGHTS_DIR) / "detector.safetensors"
+    return ToyDetector(concept, threshold=threshold, weights=weights)
+
+
+__all__ = ["TOY_WEIGHTS_DIR", "load_toy_pipeline", "load_toy_clip", "load_toy_detector"]
