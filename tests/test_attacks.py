@@ -28,16 +28,6 @@ from stereo.models.tiny import tiny_pipeline
 SMALL = dict(steps=2, gallery_size=2, gallery_steps=2, project_every=1, population=6, elite=2, prompt_length=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads per process measured ~50x slower
-    for these tiny models (spin-waiting under contention). Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ConstantDetector:
     """Flags every image (or none): makes 'stop at first success' observable."""
 

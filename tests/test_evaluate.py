@@ -33,16 +33,6 @@ def toy_world_ready() -> bool:
     return TOY_PIPELINE.is_file() and json.loads(TOY_MANIFEST.read_text()).get("complete", True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads per process measured ~50x slower
-    for these tiny models (spin-waiting under contention). Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Brightness(Detector):
     """Stub concept detector for random models: score = mean grey level, flag = score >= threshold."""
 
