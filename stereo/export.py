@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
@@ -110,7 +109,3 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def load_exported_unet(export_dir: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    """The erased UNet of an export folder (the `unet/` format)."""
-    return UNet2DConditionModel.from_pretrained(Path(export_dir) / "unet", torch_dtype=dtype)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import shutil
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,8 +243,6 @@ class ErasureTrainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        import time
-
         s, acc = self.settings, self.accelerator
         start = self._maybe_resume()
         result = TrainResult(start_step=start, steps=s.steps)

@@ -24,12 +24,11 @@ def _require(path: Path) -> Path:
 def load_toy_pipeline(weights_dir: Path | str | None = None):
     """The toy StableDiffusionPipeline (fp32, CPU), loaded offline from the committed folder."""
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from stereo.models.loading import load_pretrained  # the project's one pipeline loader
 
     path = _require(Path(weights_dir or TOY_WEIGHTS_DIR) / "pipeline")
-    return StableDiffusionPipeline.from_pretrained(
-        path, local_files_only=True, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-    )
+    return load_pretrained(str(path), None, torch.float32)
 
 
 def load_toy_clip(weights_dir: Path | str | None = None):
