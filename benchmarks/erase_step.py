@@ -13,5 +13,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.argv[1:1] = ["--phases", "esd"]
-    main()
+    main(["--phases", "esd", *sys.argv[1:]])

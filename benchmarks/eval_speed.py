@@ -15,36 +15,21 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
+import harness
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load(model: str, dtype: str):
-    from omegaconf import OmegaConf
-
-    from stereo.models.loading import load_pipeline
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(OmegaConf.create({"kind": model, "pretrained": None, "revision": None, "dtype": dtype,
-                                           "single_file_config": None, "unet_weights": None, "seed": 0}))
-    return pipe.to(device)
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    return harness.load(model, dtype, DEVICE)
 
 
 def timed(fn) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
+    return harness.timed(fn, DEVICE, warm_up=False)
 
 
 def generation_speed(args, prompts) -> tuple[float, float]:

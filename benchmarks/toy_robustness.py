@@ -7,6 +7,10 @@ benchmarks/results/toy_robustness.{md,json} with the exact command that produced
 
   python benchmarks/toy_robustness.py --concepts circle,triangle --seeds 0,1,2
   python benchmarks/toy_robustness.py --concepts circle --seeds 0 --methods esd,stereo --quick   # smoke
+
+Finished trainings and evaluation cells are reused, so an interrupted run resumes, and two
+processes may share the work on one `--work` folder (e.g. one per concept) before a last run
+with every concept writes the table.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from stereo.config import compose
 from stereo.evaluation.config import compose_eval
 from stereo.evaluation.runner import evaluate
@@ -29,6 +35,7 @@ from stereo.train import train
 METHODS = ("esd", "reo", "stereo", "stereo_reference")
 ATTACKS = ("none", "concept_inversion", "soft_prompt", "unlearndiffatk", "ring_a_bell")
 UTILITY = {"circle": "square", "square": "circle", "triangle": "star", "star": "triangle", "cross": "circle"}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -43,9 +50,14 @@ def train_all(args, work: Path) -> dict:
                          "trainer.steps=10"] if args.quick else []
                 cfg = compose(["model=toy", f"method={method}", f"concept={concept}", f"seed={seed}",
                                f"output_dir={out}", *extra])
-                start = time.perf_counter()
-                result = train(cfg)
-                runs[(concept, seed, method)] = (result["export_dir"], time.perf_counter() - start)
+                done = out / "benchmark_run.json"  # written last: a rerun reuses finished trainings
+                if not done.exists():
+                    start = time.perf_counter()
+                    result = train(cfg)
+                    write_json_atomic(done, {"export_dir": str(result["export_dir"]),
+                                             "seconds": time.perf_counter() - start})
+                record = json.loads(done.read_text())
+                runs[(concept, seed, method)] = (record["export_dir"], record["seconds"])
     return runs
 
 
@@ -75,13 +87,53 @@ def evaluate_all(args, runs: dict, work: Path) -> dict:
                 f"output_dir={work / 'eval' / concept / f'seed{seed}'}", "progress=false",
                 f"metrics.clip_path={TOY_WEIGHTS_DIR / 'clip'}", f"metrics.utility_prompts={UTILITY[concept]}",
                 f"+metrics.utility_detector={{name: toy, concept: {UTILITY[concept]}}}",
-                f"generation.max_prompts={args.prompts}", "metrics.fid.extractor=toy",
+                f"generation.max_prompts={args.prompts}", f"generation.guidance={args.guidance}",
+                f"generation.steps={args.steps}", "generation.batch_size=16", "metrics.fid.extractor=toy",
                 f"metrics.fid.reference_dir={reference}", *models,
             ]
             if args.quick:
                 overrides += [f"attacks.{a}.steps=4" for a in args.attacks if a != "none"]
             reports[(concept, seed)] = evaluate(compose_eval(overrides))
     return reports
+
+
+@torch.no_grad()
+def shape_utility(runs: dict, args, steps: int, guidance: float) -> dict:
+    """{(concept, seed, label): {shape: rate}}: for every other shape, the share of its built-in
+    prompt set's images (fixed seeds) in which the toy detector finds that shape."""
+    from diffusers import UNet2DConditionModel
+
+    from stereo.evaluation.prompts import load_prompt_set
+    from stereo.generation import generate
+    from stereo.toy import load_toy_detector, load_toy_pipeline
+
+    pipe = load_toy_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    base_unet = pipe.unet
+    sets = {s: load_prompt_set(s) for s in SHAPES}
+    detectors = {s: load_toy_detector(s) for s in SHAPES}
+
+    def rates(concept: str) -> dict:
+        out = {}
+        for shape in SHAPES:
+            if shape == concept:
+                continue
+            records = sets[shape].records[: args.prompts]
+            images = generate(pipe, [r.prompt for r in records], [r.seed or 0 for r in records], steps=steps,
+                              guidance=guidance, batch_size=len(records))
+            out[shape] = detectors[shape].detect(images).rate()
+        return out
+
+    table = {}
+    for concept in args.concepts:
+        pipe.unet = base_unet
+        base = rates(concept)
+        for seed in args.seeds:
+            table[(concept, seed, "base")] = base
+            for method in args.methods:
+                pipe.unet = UNet2DConditionModel.from_pretrained(Path(runs[(concept, seed, method)][0]) / "unet")
+                table[(concept, seed, method)] = rates(concept)
+    return table
 
 
 def mean_std(values: list[float]) -> str:
@@ -92,7 +144,7 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
 
 
-def summarise(args, runs, reports) -> tuple[dict, str]:
+def summarise(args, runs, reports, kept) -> tuple[dict, str]:
     rows = {}
     for concept in args.concepts:
         for label in ("base", *args.methods):
@@ -102,11 +154,13 @@ def summarise(args, runs, reports) -> tuple[dict, str]:
             row["utility"] = [cell_metric(reports[(concept, s)], label, "utility") for s in args.seeds]
             row["clip"] = [cell_metric(reports[(concept, s)], label, "clip_score") for s in args.seeds]
             row["fid"] = [cell_metric(reports[(concept, s)], label, "fid") for s in args.seeds]
+            row["kept"] = {shape: [kept[(concept, s, label)][shape] for s in args.seeds]
+                           for shape in SHAPES if shape != concept}
             row["seconds"] = [runs[(concept, s, label)][1] for s in args.seeds] if label != "base" else []
             rows[(concept, label)] = row
     head = "| concept | model | " + " | ".join(f"ASR {a} (%)" for a in args.attacks) + \
-        " | utility (%) | CLIP | FID | train s |"
-    lines = [head, "|" + "---|" * (len(args.attacks) + 6)]
+        " | utility (%) | other shapes kept (%) | CLIP | FID | train s |"
+    lines = [head, "|" + "---|" * (len(args.attacks) + 7)]
     for (concept, label), row in rows.items():
         clip = [c for c in row["clip"] if c is not None]
         clip_s = f"{statistics.mean(clip):.1f}" if clip else "–"
@@ -114,8 +168,13 @@ def summarise(args, runs, reports) -> tuple[dict, str]:
         fid = [f for f in row["fid"] if f is not None]
         fid_s = f"{statistics.mean(fid):.2f}" if fid else "–"
         lines.append(f"| {concept} | {label} | " + " | ".join(mean_std(row[a]) for a in args.attacks)
-                     + f" | {mean_std(row['utility'])} | {clip_s} | {fid_s} | {secs} |")
+                     + f" | {mean_std(row['utility'])} | {kept_cell(row['kept'])} | {clip_s} | {fid_s} | {secs} |")
     return {f"{c}/{m}": r for (c, m), r in rows.items()}, "\n".join(lines)
+
+
+def kept_cell(kept: dict) -> str:
+    """ "square 45, star 98, ..." (mean over seeds, %)."""
+    return ", ".join(f"{shape} {100 * statistics.mean(rates):.0f}" for shape, rates in kept.items())
 
 
 def cell_asr(report: dict, model: str, attack: str):
@@ -146,6 +205,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--prompts", type=int, default=16, help="evaluation prompts per concept")
+    parser.add_argument("--guidance", type=float, default=4.0, help="CFG of every generation (toy quality: 4)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps of every generation")
     parser.add_argument("--work", default="outputs/toy_robustness")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the wiring, not the science")
     args = parser.parse_args()
@@ -155,7 +216,8 @@ def main() -> None:
     work = Path(args.work)
     runs = train_all(args, work)
     reports = evaluate_all(args, runs, work)
-    rows, table = summarise(args, runs, reports)
+    kept = shape_utility(runs, args, args.steps, args.guidance)
+    rows, table = summarise(args, runs, reports, kept)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "toy_robustness_quick" if args.quick else "toy_robustness"

@@ -73,8 +73,16 @@ def test_two_models_two_attacks_write_a_report_and_resume(tmp_path, monkeypatch)
     cfg = make_cfg(tmp_path, "attack=[none,ring_a_bell]", f"+models.erased.unet_weights={tmp_path / 'erased.pt'}",
                    "attacks.ring_a_bell.steps=2", "attacks.ring_a_bell.population=6", "attacks.ring_a_bell.elite=2",
                    "metrics.utility_prompts=square", "metrics.utility_detector={name: brightness, threshold: 0.3}")
+    from stereo.attacks.ring_a_bell import RingABell
+
+    searched = []
+    search = RingABell.search
+    monkeypatch.setattr(RingABell, "search", lambda self, *a: searched.append(1) or search(self, *a))
     report = evaluate(cfg)
     out = Path(cfg.output_dir)
+    assert len(searched) == 1  # black-box: one search (base text encoder only) serves both models
+    base_found = (out / "attacks/base/ring_a_bell/prompts.jsonl").read_text()
+    assert base_found == (out / "attacks/erased/ring_a_bell/prompts.jsonl").read_text()
     rows = {(r["model"], r["attack"]): r for r in report["rows"]}
     assert set(rows) == {(m, a) for m in ("base", "erased") for a in ("none", "ring_a_bell", "utility")}
     assert rows["base", "none"]["stage"] == "pre_attack" and rows["erased", "ring_a_bell"]["stage"] == "post_attack"

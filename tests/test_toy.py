@@ -164,9 +164,14 @@ def test_committed_pipeline_follows_prompts():
 def test_unet_lr_schedule_warms_up_decays_and_restarts_at_half_peak():
     from stereo.toy.diffusion import cosine_restarts_lr as lr
 
-    assert lr(0, 4000) == pytest.approx(1 / 200)  # linear warm-up over 200 steps
-    assert lr(199, 4000) == pytest.approx(1 - 0.9 * 0.5 * (1 - np.cos(np.pi * 199 / 4000)))
-    assert lr(2000, 4000) == pytest.approx(0.55)  # half-way down the cosine from 1 to 0.1
-    assert lr(3999, 4000) == pytest.approx(0.1, abs=1e-6)
-    assert lr(4000, 4000) == pytest.approx(0.5)  # restart at half the peak, no second warm-up
-    assert lr(6000, 4000) == pytest.approx(0.5 * 0.55)
+    cycles = [4000, 4000, 1500]  # the committed recipe
+    assert lr(0, cycles) == pytest.approx(1 / 200)  # linear warm-up over 200 steps
+    assert lr(199, cycles) == pytest.approx(1 - 0.9 * 0.5 * (1 - np.cos(np.pi * 199 / 4000)))
+    assert lr(2000, cycles) == pytest.approx(0.55)  # half-way down the cosine from 1 to 0.1
+    assert lr(3999, cycles) == pytest.approx(0.1, abs=1e-6)
+    assert lr(4000, cycles) == pytest.approx(0.5)  # restart at half the peak, no second warm-up
+    assert lr(6000, cycles) == pytest.approx(0.5 * 0.55)
+    assert lr(8000, cycles) == pytest.approx(0.25)  # third cycle: a quarter of the peak, 1500 steps long
+    assert lr(8750, cycles) == pytest.approx(0.25 * 0.55)
+    assert lr(9500, cycles) == pytest.approx(0.125)  # past the list, the last length repeats
+    assert lr(500, [1000]) == lr(500, [1000, 7])  # later cycles do not change earlier steps

@@ -215,6 +215,7 @@ class Evaluation:
         self.prompts, self.prompt_source = eval_prompts(cfg, self.concept)
         settings = _container(cfg.detector or self.concept.detector)
         self.detector = make_detector(settings)
+        self.black_box_prompts: dict[str, dict[int, AttackedPrompt]] = {}  # attack -> prompt index -> result
         self.detector_settings = {id(self.detector): settings}  # recorded with each cell, checked on resume
         self.utility_detector = None
         if cfg.metrics.utility_prompts:
@@ -265,11 +266,24 @@ class Evaluation:
                               self.out / "galleries" / self.concept.name, detector, self.generation, self.progress)
         start = time.perf_counter()
         self.prepare(attack, target)
-        attacked = attack.attack(target, pending) if pending else []
+        attacked = self.attack_prompts(attack, target, cell.attack, pending)
         attack_seconds = (time.perf_counter() - start) / max(len(pending), 1)
         self.save_attacked(target.out_dir, attacked)
         self.generate_and_detect(cell, pipe, attacked, detector, attack_seconds)
         self.accelerator.wait_for_everyone()
+
+    def attack_prompts(self, attack, target: AttackTarget, name: str,
+                       prompts: list[EvalPrompt]) -> list[AttackedPrompt]:
+        """`attack.attack(target, prompts)`, with black-box results shared by every model: a black-box
+        attack reads only the base model's public text encoder, so its prompts do not depend on the
+        evaluated model, and one search serves them all (Ring-A-Bell's search is the costly part)."""
+        if attack.white_box:
+            return attack.attack(target, prompts) if prompts else []
+        found = self.black_box_prompts.setdefault(name, {})
+        todo = [p for p in prompts if p.index not in found]
+        for item in attack.attack(target, todo) if todo else []:
+            found[item.index] = item
+        return [found[p.index] for p in prompts]
 
     @property
     def distributed(self) -> bool:

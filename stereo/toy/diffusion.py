@@ -128,12 +128,16 @@ def caption_table(scenes: Sequence[Scene]) -> tuple[list[str], torch.Tensor, tor
     return captions, table, counts
 
 
-def cosine_restarts_lr(step: int, cycle: int, restart_peak: float = 0.5) -> float:
+def cosine_restarts_lr(step: int, cycles: Sequence[int], restart_peak: float = 0.5) -> float:
     """Learning-rate factor: linear warm-up (first cycle), then cosine from 1 to 0.1 in every cycle
-    of `cycle` steps, each cycle's peak `restart_peak` times the previous one (SGDR, Loshchilov &
-    Hutter 2017)."""
-    k, u = divmod(step, cycle)
-    warmup = max(1, min(200, cycle // 10))
+    (lengths `cycles`; the last one repeats), each cycle's peak `restart_peak` times the previous
+    one (SGDR, Loshchilov & Hutter 2017)."""
+    k, u = 0, step
+    while u >= cycles[min(k, len(cycles) - 1)]:
+        u -= cycles[min(k, len(cycles) - 1)]
+        k += 1
+    cycle = cycles[min(k, len(cycles) - 1)]
+    warmup = max(1, min(200, cycles[0] // 10))
     ramp = min(1.0, (step + 1) / warmup) if k == 0 else 1.0
     return float(ramp * restart_peak**k * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * u / cycle))))
 
@@ -141,7 +145,7 @@ def cosine_restarts_lr(step: int, cycle: int, restart_peak: float = 0.5) -> floa
 def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_factor: float,
                scenes: Sequence[Scene], text_encoder: CLIPTextModel, steps: int, seed: int,
                batch_size: int = 64, lr: float = 1e-3, caption_dropout: float = 0.1, ema_decay: float = 0.999,
-               cycle_steps: int | None = None, restart_peak: float = 0.5,
+               cycles: Sequence[int] | None = None, restart_peak: float = 0.5,
                checkpoint: Path | None = None, checkpoint_every: int = 250,
                on_checkpoint: Callable[[UNet2DConditionModel, int], None] | None = None,
                log_every: int = 50) -> UNet2DConditionModel:
@@ -150,7 +154,7 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_fact
     Each step draws, per scene, one of the captions that describe it (or "" with probability
     `caption_dropout`), a timestep t ~ U{0..999}, noise eps, and regresses eps from
     x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps. `checkpoint` (a file) makes the run resumable.
-    Learning rate: `cosine_restarts_lr` with cycles of `cycle_steps` (default: one cycle).
+    Learning rate: `cosine_restarts_lr` with cycle lengths `cycles` (default: one cycle of `steps`).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -160,8 +164,8 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_fact
     unet = build_toy_unet(cross_attention_dim=embeddings.shape[-1])
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    cycle = max(1, cycle_steps or steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_restarts_lr(s, cycle, restart_peak))
+    cycles = [max(1, c) for c in (cycles or [steps])]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_restarts_lr(s, cycles, restart_peak))
     start = 0
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, weights_only=True)
@@ -172,7 +176,7 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_fact
         start = int(state["step"])
         sched.last_epoch = start  # the lr is a function of the step alone
         for group, base in zip(opt.param_groups, sched.base_lrs):
-            group["lr"] = base * cosine_restarts_lr(start, cycle, restart_peak)
+            group["lr"] = base * cosine_restarts_lr(start, cycles, restart_peak)
         sched._last_lr = [group["lr"] for group in opt.param_groups]
         print(f"[unet] resumed at step {start}", flush=True)
     unet.train()

@@ -1,6 +1,6 @@
 """PNG grids of real toy scenes next to generated ones, for docs/toy_world.md.
 
-    python -m stereo.toy.grid [--out docs/img] [--guidance 5] [--seed 0]
+    python -m stereo.toy.grid [--out docs/img] [--guidance 4] [--seed 0]
 
 Writes `toy_colour_shape.png` (rows: shapes; columns: colours; left real, right "a {colour}
 {shape}") and `toy_shape_background.png` (rows: shapes; columns: backgrounds; left real,
@@ -50,7 +50,7 @@ def side_by_side(left: Image.Image, right: Image.Image, titles=("real", "generat
     return canvas
 
 
-def make_grids(pipe, out: Path, guidance: float = 5.0, seed: int = 0) -> list[Path]:
+def make_grids(pipe, out: Path, guidance: float = 4.0, seed: int = 0) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
 
@@ -72,7 +72,7 @@ def make_grids(pipe, out: Path, guidance: float = 5.0, seed: int = 0) -> list[Pa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/img"))
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 on a busy machine)")
     parser.add_argument("--weights", type=Path, default=None)

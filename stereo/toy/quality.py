@@ -1,6 +1,6 @@
 """How well the toy text-to-image model follows prompts, read by the toy detector.
 
-    python -m stereo.toy.quality [--images 16] [--guidance 5] [--steps 25] [--seed 0] [--json FILE]
+    python -m stereo.toy.quality [--images 16] [--guidance 4] [--steps 25] [--seed 0] [--json FILE]
 
 For every "a {colour} {shape}" prompt: the share of generated images in which the detector
 finds the prompted shape, the prompted colour, and the pair "{colour} {shape}"; for every
@@ -37,7 +37,7 @@ def generate(pipe, prompt: str, n: int, guidance: float, steps: int, seed: int) 
                 generator=generator, output_type="pil").images
 
 
-def measure_quality(pipe, prompts: list[tuple[str, dict]], n: int = 16, guidance: float = 5.0, steps: int = 25,
+def measure_quality(pipe, prompts: list[tuple[str, dict]], n: int = 16, guidance: float = 4.0, steps: int = 25,
                     seed: int = 0, weights: Path | None = None) -> list[dict]:
     """One row per prompt: {"prompt", "<what>": detection rate} for each concept the prompt names."""
     from stereo.toy.detector import predict
@@ -77,7 +77,7 @@ def summary(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16, help="images per prompt")
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 on a busy machine)")

@@ -48,8 +48,9 @@ class ToyTrainConfig:
     detector_steps: int = 1500
     clip_steps: int = 1000
     vae_steps: int = 3000
-    unet_steps: int = 6500
-    unet_cycle_steps: int = 4000  # cosine cycles with restarts: 4000 steps, then 2500 more at half the peak lr
+    unet_steps: int = 9500
+    # cosine lr cycles with restarts, each at half the previous peak: 4000 + 4000 + 1500 steps
+    unet_cycles: tuple[int, ...] = (4000, 4000, 1500)
 
     def scaled(self) -> dict:
         s = self.steps_scale
@@ -57,7 +58,8 @@ class ToyTrainConfig:
             "n_scenes": max(256, round(self.n_scenes * s)),
             "n_heldout": max(128, round(self.n_heldout * s)),
             **{k: max(1, round(getattr(self, k) * s))
-               for k in ("detector_steps", "clip_steps", "vae_steps", "unet_steps", "unet_cycle_steps")},
+               for k in ("detector_steps", "clip_steps", "vae_steps", "unet_steps")},
+            "unet_cycles": [max(1, round(c * s)) for c in self.unet_cycles],
         }
 
 
@@ -129,6 +131,7 @@ def run(config: ToyTrainConfig, out: Path, work: Path, publish_every: int = 500,
     clip_dir = work / "clip"
     if not (clip_dir / "config.json").exists():
         train_clip(scenes, images, sizes["clip_steps"], config.seed + 1).save_pretrained(clip_dir)
+    if not (clip_dir / "processor_config.json").exists():
         # a full CLIPProcessor (image processor + tokenizer), so CLIPProcessor.from_pretrained works
         CLIPProcessor(image_processor=toy_image_processor(), tokenizer=load_clip_tokenizer()).save_pretrained(clip_dir)
     clip = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
@@ -159,7 +162,7 @@ def run(config: ToyTrainConfig, out: Path, work: Path, publish_every: int = 500,
         log(f"published the model at UNet step {step} to {out}")
 
     train_unet(mean, std, vae.config.scaling_factor, scenes, text_encoder, sizes["unet_steps"],
-               config.seed + 3, cycle_steps=sizes["unet_cycle_steps"], checkpoint=work / "unet_checkpoint.pt",
+               config.seed + 3, cycles=sizes["unet_cycles"], checkpoint=work / "unet_checkpoint.pt",
                on_checkpoint=publish)
     log("done")
     return metrics
