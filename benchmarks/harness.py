@@ -7,9 +7,7 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -113,12 +111,3 @@ def machine() -> dict:
         info["gpu"] = {"name": props.name, "memory_mb": round(props.total_memory / 2**20),
                        "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
     return info
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary sibling and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)

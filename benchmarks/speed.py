@@ -49,7 +49,7 @@ from stereo.erasure.sampling import draw_stop_steps
 from stereo.erasure.subsets import select_trainable
 from stereo.erasure.trainer import ErasureTrainer, ESDObjective, REOObjective, TrainerSettings
 from stereo.generation import generate
-from stereo.manifest import write_json_atomic
+from stereo.manifest import write_json_atomic, write_text_atomic
 from stereo.objectives import esd_target, reo_target
 
 SCRIPT = Path(__file__).resolve()
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = to_markdown(report)
     print(markdown)
     stem = args.out / f"speed_{s.model}_{s.device.type}"
-    harness.write_text_atomic(stem.with_suffix(".md"), markdown)
+    write_text_atomic(stem.with_suffix(".md"), markdown)
     write_json_atomic(stem.with_suffix(".json"), report)
     print(f"wrote {stem}.md and {stem}.json")
 

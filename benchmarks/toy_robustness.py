@@ -28,7 +28,7 @@ import torch
 from stereo.config import compose
 from stereo.evaluation.config import compose_eval
 from stereo.evaluation.runner import evaluate
-from stereo.manifest import build_manifest, write_json_atomic
+from stereo.manifest import build_manifest, write_json_atomic, write_text_atomic
 from stereo.toy import TOY_WEIGHTS_DIR
 from stereo.train import train
 
@@ -223,7 +223,7 @@ def main() -> None:
     name = "toy_robustness_quick" if args.quick else "toy_robustness"
     write_json_atomic(RESULTS / f"{name}.json", {**build_manifest({}, args.seeds[0]), "command": command,
                                                   "rows": rows})
-    (RESULTS / f"{name}.md").write_text(f"# Toy robustness\n\nCommand: `{command}`\n\n{table}\n")
+    write_text_atomic(RESULTS / f"{name}.md", f"# Toy robustness\n\nCommand: `{command}`\n\n{table}\n")
     print(table)
     print(json.dumps({"written": str(RESULTS / f'{name}.md')}))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stereo import __version__
-from stereo.anchors.files import atomic_write_text
+from stereo.manifest import write_text_atomic
 
 __all__ = ["AnchorCache", "AnchorRequest", "default_cache_dir"]
 
@@ -91,5 +91,5 @@ class AnchorCache:
             "prompts": list(prompts),
         }
         path = self.path(request)
-        atomic_write_text(path, json.dumps(entry, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(path, json.dumps(entry, indent=2, ensure_ascii=False) + "\n")
         return path

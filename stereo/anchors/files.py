@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from stereo.anchors.concepts import resolve_concept
+from stereo.manifest import write_text_atomic
 
 __all__ = [
     "DATA_DIR",
@@ -51,24 +51,8 @@ def write_anchor_file(path: str | os.PathLike, prompts: list[str], header: list[
     if bad:
         raise ValueError(f"prompts cannot be empty, contain newlines or start with '#': {bad[:3]}")
     lines = [f"# {h}" for h in header] + list(prompts)
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename over `path`: readers never see a
-    half-written file, even if two processes write the same entry."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _builtin_files() -> dict[str, Path]:

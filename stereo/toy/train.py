@@ -11,8 +11,6 @@ output folder (a usable model + manifest) every `--publish-every` steps.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from transformers import CLIPProcessor
 
+from stereo.manifest import git_commit, package_versions, sha256_file, write_json_atomic
 from stereo.models.tiny import load_clip_tokenizer
 from stereo.toy import TOY_WEIGHTS_DIR
 from stereo.toy.clip import clip_retrieval_accuracy, toy_image_processor, train_clip
@@ -63,40 +62,16 @@ class ToyTrainConfig:
         }
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def package_versions() -> dict:
-    import diffusers
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__}
-
-
-def git_commit() -> str | None:
-    """The repository's HEAD commit, or None outside a git checkout / before the first commit."""
-    import subprocess
-
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
 def write_manifest(out: Path, config: ToyTrainConfig, sizes: dict, metrics: dict, unet_steps_done: int) -> None:
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
         "command": f"python -m stereo.toy.train --seed {config.seed} --steps-scale {config.steps_scale}",
         "seed": config.seed, "config": asdict(config), "steps": sizes,
         "unet_steps_done": unet_steps_done, "complete": unet_steps_done >= sizes["unet_steps"],
-        "metrics": metrics, "versions": package_versions(), "git_commit": git_commit(),
-        "sha256": {str(p.relative_to(out)): sha256(p) for p in files},
+        "metrics": metrics, "versions": {**package_versions(), "numpy": np.__version__}, "git_commit": git_commit(),
+        "sha256": {str(p.relative_to(out)): sha256_file(p) for p in files},
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_json_atomic(out / "manifest.json", manifest)
 
 
 def run(config: ToyTrainConfig, out: Path, work: Path, publish_every: int = 500, threads: int = 2) -> dict:
