@@ -38,7 +38,7 @@ from stereo.toy.scenes import generate_scenes, render_all
 
 @dataclass(frozen=True)
 class ToyTrainConfig:
-    """Sizes at --steps-scale 1.0 (about 70 minutes on 2 shared CPU cores)."""
+    """Sizes at --steps-scale 1.0 (about an hour on 2 CPU cores)."""
 
     seed: int = 0
     steps_scale: float = 1.0
@@ -47,9 +47,11 @@ class ToyTrainConfig:
     detector_steps: int = 1500
     clip_steps: int = 1000
     vae_steps: int = 3000
-    unet_steps: int = 9500
-    # cosine lr cycles with restarts, each at half the previous peak: 4000 + 4000 + 1500 steps
-    unet_cycles: tuple[int, ...] = (4000, 4000, 1500)
+    unet_steps: int = 15000
+    # one cosine lr cycle (warm-up, then peak -> peak / 10); more lengths give restarts at half the peak
+    unet_cycles: tuple[int, ...] = (15000,)
+    unet_heads: int = 2
+    unet_min_snr_gamma: float | None = 5.0
 
     def scaled(self) -> dict:
         s = self.steps_scale
@@ -137,7 +139,8 @@ def run(config: ToyTrainConfig, out: Path, work: Path, publish_every: int = 500,
         log(f"published the model at UNet step {step} to {out}")
 
     train_unet(mean, std, vae.config.scaling_factor, scenes, text_encoder, sizes["unet_steps"],
-               config.seed + 3, cycles=sizes["unet_cycles"], checkpoint=work / "unet_checkpoint.pt",
+               config.seed + 3, cycles=sizes["unet_cycles"], min_snr_gamma=config.unet_min_snr_gamma,
+               unet_config={"heads": config.unet_heads}, checkpoint=work / "unet_checkpoint.pt",
                on_checkpoint=publish)
     log("done")
     return metrics
