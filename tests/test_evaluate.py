@@ -24,14 +24,6 @@ from stereo.evaluation.runner import apply_export, evaluate, load_evaluated
 from stereo.models.tiny import tiny_unet
 
 ROOT = Path(__file__).resolve().parent.parent
-TOY_PIPELINE = ROOT / "stereo" / "toy" / "weights" / "pipeline" / "model_index.json"
-TOY_MANIFEST = ROOT / "stereo" / "toy" / "weights" / "manifest.json"
-
-
-def toy_world_ready() -> bool:
-    """The toy weights exist and their training finished (intermediate snapshots are published while it runs)."""
-    return TOY_PIPELINE.is_file() and json.loads(TOY_MANIFEST.read_text()).get("complete", True)
-
 
 class Brightness(Detector):
     """Stub concept detector for random models: score = mean grey level, flag = score >= threshold."""
@@ -264,14 +256,8 @@ def test_two_processes_share_the_prompts(tmp_path):
     assert [r["n"] for r in report["rows"]] == [4, 4]
 
 
-@pytest.mark.skipif(not toy_world_ready(), reason="toy world weights not built or still training "
-                    "(stereo/toy/weights/pipeline, manifest.json 'complete')")
 def test_attacks_find_the_concept_on_the_toy_base_model(tmp_path):
     """Sanity: on the toy BASE model (nothing erased) the concept shows, before and after attacks."""
-    import stereo.toy.detector as toy
-
-    if "toy" not in DETECTORS:  # until stereo.toy.detector registers itself with @register_detector("toy")
-        register_detector("toy")(toy.ToyDetector)
     cfg = compose_eval(["base.kind=toy", "concept=circle", "attack=[none,ring_a_bell,concept_inversion]",
                         "generation.steps=25", "generation.guidance=5.0", "generation.max_prompts=8", "progress=false",
                         "attacks.ring_a_bell.steps=20", "attacks.ring_a_bell.eta=1.0",
