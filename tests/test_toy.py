@@ -148,23 +148,25 @@ def test_committed_clip_loads_and_gives_features():
 
 
 def test_committed_pipeline_follows_prompts():
-    """A loosened quality bar (>= 70%) on a few prompts and images."""
+    """A loosened quality bar (>= 75% of 8 images; measured >= 92% of 128) at the quality settings,
+    on the prompts that were hardest to learn."""
     from stereo.toy.quality import measure_quality
 
     prompts = [("a red circle", {"shape": "circle", "colour": "red"}),
-               ("a blue square", {"shape": "square", "colour": "blue"}),
+               ("a yellow star", {"shape": "star", "colour": "yellow"}),
+               ("a triangle on a striped background", {"shape": "triangle", "background": "striped"}),
                ("a star on a striped background", {"shape": "star", "background": "striped"})]
-    rows = measure_quality(load_toy_pipeline(), prompts, n=6, guidance=5.0, steps=25, seed=0)
+    rows = measure_quality(load_toy_pipeline(), prompts, n=8, guidance=4.0, steps=25, seed=0)
     for row in rows:
         for what, rate in row.items():
             if what != "prompt":
-                assert rate >= 0.7, row
+                assert rate >= 0.75, row
 
 
 def test_unet_lr_schedule_warms_up_decays_and_restarts_at_half_peak():
     from stereo.toy.diffusion import cosine_restarts_lr as lr
 
-    cycles = [4000, 4000, 1500]  # the committed recipe
+    cycles = [4000, 4000, 1500]  # a recipe with two restarts
     assert lr(0, cycles) == pytest.approx(1 / 200)  # linear warm-up over 200 steps
     assert lr(199, cycles) == pytest.approx(1 - 0.9 * 0.5 * (1 - np.cos(np.pi * 199 / 4000)))
     assert lr(2000, cycles) == pytest.approx(0.55)  # half-way down the cosine from 1 to 0.1
@@ -175,3 +177,26 @@ def test_unet_lr_schedule_warms_up_decays_and_restarts_at_half_peak():
     assert lr(8750, cycles) == pytest.approx(0.25 * 0.55)
     assert lr(9500, cycles) == pytest.approx(0.125)  # past the list, the last length repeats
     assert lr(500, [1000]) == lr(500, [1000, 7])  # later cycles do not change earlier steps
+
+
+def test_min_snr_weights_follow_the_formula():
+    from stereo.models.tiny import sd_scheduler
+    from stereo.toy.diffusion import min_snr_weights
+
+    alphas = sd_scheduler().alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weights = min_snr_weights(alphas, 5.0)
+    torch.testing.assert_close(weights, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert (weights[snr <= 5] == 1).all() and (weights[snr > 5] < 1).all()
+    assert weights[0] == pytest.approx(5 / snr[0].item())  # the cleanest step is damped most
+    assert torch.equal(min_snr_weights(alphas, None), torch.ones(1000))
+
+
+def test_committed_unet_has_two_heads_per_attention_block():
+    from diffusers.models.attention_processor import Attention
+
+    unet = load_toy_pipeline().unet
+    attentions = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert attentions and {m.heads for m in attentions} == {2}
+    assert {m.inner_dim // m.heads for m in attentions} == {16, 32}  # head widths at 32 and 64 channels
+    assert sum(p.numel() for p in unet.parameters()) == 1_077_572

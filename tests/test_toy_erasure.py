@@ -2,7 +2,7 @@
 
 The toy detector reads a small sample of images before and after erasure. Bounds are loose
 (8 images per prompt) but the effect is large: measured with these settings, circle prompts
-fall from 100% to about 40-60% while triangle prompts stay at 100%.
+fall from 100% to 8% while triangle prompts stay at 100%.
 """
 
 import torch
@@ -39,5 +39,5 @@ def test_stereo_on_the_toy_erases_the_concept_and_keeps_another(tmp_path):
                   "triangle": detection_rate(pipe, OTHER_PROMPTS, "triangle")}
     print(f"detection rates: base {base}, after STEREO {erased}")
     assert base["circle"] >= 0.9 and base["triangle"] >= 0.8, base
-    assert erased["circle"] <= base["circle"] - 0.3, (base, erased)
+    assert erased["circle"] <= base["circle"] - 0.5, (base, erased)
     assert erased["triangle"] >= 0.75, (base, erased)

@@ -1,6 +1,6 @@
 """How well the toy text-to-image model follows prompts, read by the toy detector.
 
-    python -m stereo.toy.quality [--images 16] [--guidance 4] [--steps 25] [--seed 0] [--json FILE]
+    python -m stereo.toy.quality [--images 128] [--guidance 4] [--steps 25] [--seed 0] [--json FILE]
 
 For every "a {colour} {shape}" prompt: the share of generated images in which the detector
 finds the prompted shape, the prompted colour, and the pair "{colour} {shape}"; for every
@@ -76,7 +76,7 @@ def summary(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=16, help="images per prompt")
+    parser.add_argument("--images", type=int, default=128, help="images per prompt (16 for a quick look)")
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=0)
