@@ -38,18 +38,16 @@ def build_toy_vae() -> AutoencoderKL:
     )
 
 
-def build_toy_unet(cross_attention_dim: int = 64, block_out_channels: Sequence[int] = (32, 64),
-                   heads: int = 2) -> UNet2DConditionModel:
-    """~1.1 M parameters at the defaults; self- and cross-attention at 8x8 and 4x4 latent positions.
+def build_toy_unet(cross_attention_dim: int = 64, heads: int = 2) -> UNet2DConditionModel:
+    """~1.1 M parameters; self- and cross-attention at 8x8 and 4x4 latent positions.
 
     `heads` attention heads per block (diffusers names this `attention_head_dim`): 2 heads give head
     widths of 16 and 32 channels; SD's 8 heads would leave 4-channel heads here and run 1.5x slower.
     """
-    levels = len(block_out_channels)
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=tuple(block_out_channels), down_block_types=("CrossAttnDownBlock2D",) * levels,
-        up_block_types=("CrossAttnUpBlock2D",) * levels, cross_attention_dim=cross_attention_dim,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
         attention_head_dim=heads, norm_num_groups=16,
     )
 
@@ -162,7 +160,7 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_fact
                scenes: Sequence[Scene], text_encoder: CLIPTextModel, steps: int, seed: int,
                batch_size: int = 64, lr: float = 1e-3, caption_dropout: float = 0.1, ema_decay: float = 0.999,
                cycles: Sequence[int] | None = None, restart_peak: float = 0.5, min_snr_gamma: float | None = 5.0,
-               unet_config: dict | None = None, checkpoint: Path | None = None, checkpoint_every: int = 250,
+               heads: int = 2, checkpoint: Path | None = None, checkpoint_every: int = 250,
                on_checkpoint: Callable[[UNet2DConditionModel, int], None] | None = None,
                log_every: int = 50) -> UNet2DConditionModel:
     """Epsilon-prediction training of the UNet on scaled VAE latents; returns the EMA UNet.
@@ -177,7 +175,7 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_fact
     scheduler = sd_scheduler()
     captions, table, counts = caption_table(scenes)
     embeddings = encode_captions(text_encoder, captions)  # (C, 77, D), row 0 = ""
-    unet = build_toy_unet(cross_attention_dim=embeddings.shape[-1], **(unet_config or {}))
+    unet = build_toy_unet(cross_attention_dim=embeddings.shape[-1], heads=heads)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     cycles = [max(1, c) for c in (cycles or [steps])]

@@ -140,7 +140,7 @@ def run(config: ToyTrainConfig, out: Path, work: Path, publish_every: int = 500,
 
     train_unet(mean, std, vae.config.scaling_factor, scenes, text_encoder, sizes["unet_steps"],
                config.seed + 3, cycles=sizes["unet_cycles"], min_snr_gamma=config.unet_min_snr_gamma,
-               unet_config={"heads": config.unet_heads}, checkpoint=work / "unet_checkpoint.pt",
+               heads=config.unet_heads, checkpoint=work / "unet_checkpoint.pt",
                on_checkpoint=publish)
     log("done")
     return metrics
