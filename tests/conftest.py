@@ -73,3 +73,21 @@ def save_tiny_clip(folder: Path, seed: int = 0, **config_overrides) -> Path:
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=load_clip_tokenizer()).save_pretrained(folder)
     return folder
+
+
+# --- the SD 1.4 path, rehearsed -----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def sd14_rehearsal_dir(tmp_path_factory):
+    """An SD-1.4-shaped pipeline folder (PNDM scheduler as published, safety checker on disk; tiny widths)."""
+    from stereo.models.rehearsal import save_sd14_rehearsal
+
+    return save_sd14_rehearsal(tmp_path_factory.mktemp("sd14_rehearsal") / "pipeline")
+
+
+def rehearsal_overrides(folder) -> list[str]:
+    """`model=sd14 trainer=gpu` exactly as a user runs it, loaded from the rehearsal folder through the real
+    branch, with bf16 frozen parts (the CPU has no fp16 convolutions under autocast) and CPU-sized budgets
+    (conf/budget/rehearsal.yaml). Every other setting (batch 4, bf16 autocast, gradient checkpointing,
+    checkpointing) is trainer=gpu's own."""
+    return ["model=sd14", f"model.pretrained={folder}", "model.resolution=64", "model.dtype=bf16", "trainer=gpu",
+            "budget=rehearsal"]
