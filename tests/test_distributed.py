@@ -19,4 +19,8 @@ def test_two_processes_train_identical_weights(tmp_path):
     assert reports[0]["checksum"] == reports[1]["checksum"]  # weights equal across ranks
     assert reports[0]["moved"] and reports[1]["moved"]
     assert reports[0]["first_loss"] != reports[1]["first_loss"]  # each rank drew its own latents
+    # gradient accumulation (2 steps x 2 micro-steps): one all-reduce per optimiser step, ranks still agree
+    assert [r["gradient_syncs"] for r in reports] == [2, 2]
+    assert reports[0]["accumulated_checksum"] == reports[1]["accumulated_checksum"]
+    assert all(r["released"] for r in reports)  # closing the trainer freed its DDP wrapper and optimiser
     assert (tmp_path / "run" / "export" / "manifest.json").is_file()

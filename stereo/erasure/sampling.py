@@ -1,17 +1,29 @@
 """x_t for erasure: run the student's own DDIM chain from noise and stop early.
 
 ESD and STEREO train on latents the *student* produces for the concept, not on noised data:
-DDIM (50 steps, CFG 3, conditioned on the concept) from pure noise for i ∈ [1, 49) steps.
+DDIM (50 steps, eta 0, CFG 3, conditioned on the concept) from pure noise for i ∈ [1, 49) steps.
 After i steps the latent sits at `timesteps[i]` of the DDIM grid, and that is the timestep we
 return. (The reference code uses 1000·i/50, one DDIM stride off from where the latent is.)
+
+The chain is always DDIM, built from the model's scheduler *config* (its noise schedule,
+prediction type and timestep spacing), whatever scheduler the model ships: SD 1.4 ships PNDM,
+whose PLMS steps keep a history per batch, so stepping it would run a different sampler and
+breaks once latents stop at different steps.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from diffusers import SchedulerMixin
+from diffusers import DDIMScheduler, SchedulerMixin
+
+
+def ddim_scheduler(scheduler: SchedulerMixin) -> DDIMScheduler:
+    """A fresh DDIM scheduler on `scheduler`'s noise schedule, without x0 clipping (ESD's sampler).
+
+    Betas, `prediction_type`, `steps_offset` and `timestep_spacing` come from the config; PNDM-only
+    keys are ignored. Fresh, so the caller's scheduler is never stepped and no state crosses calls.
+    """
+    return DDIMScheduler.from_config(scheduler.config, clip_sample=False)
 
 
 def draw_stop_steps(batch_size: int, num_steps: int, generator: torch.Generator) -> torch.Tensor:
@@ -37,9 +49,9 @@ def sample_xt(
 
     cond: (B, L, D) text embeddings, uncond: (L, D) or (1, L, D); stop_steps: (B,) ints.
     Runs one batched chain to max(stop_steps); a latent stops moving once its own count is reached.
-    Returns x_t (B, 4, h, w) and t (B,) on the DDIM grid.
+    `scheduler` only lends its config (see `ddim_scheduler`). Returns x_t (B, 4, h, w) and t (B,) on the DDIM grid.
     """
-    scheduler = copy.deepcopy(scheduler)  # set_timesteps mutates; keep the caller's untouched
+    scheduler = ddim_scheduler(scheduler)
     scheduler.set_timesteps(num_steps, device=cond.device)
     timesteps = scheduler.timesteps  # (num_steps,) descending
     batch = cond.shape[0]

@@ -1,0 +1,185 @@
+"""The erasure trainer on its own: what it keeps in the accelerator, what a checkpoint holds, how gradients
+accumulate, and the SD-1.4-shaped path (PNDM scheduler, bf16 teacher, bf16 autocast, batch 4)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from stereo.erasure.subsets import add_lora, select_trainable
+from stereo.erasure.trainer import ErasureTrainer, ESDObjective, TrainerSettings, make_optimizer
+from stereo.models.rehearsal import rehearsal_unet, sd14_scheduler
+from stereo.models.tiny import sd_scheduler, tiny_unet
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture
+def make_accelerator():
+    """A fresh Accelerator per call: accelerate's state is process-wide and fixes mixed_precision at first use."""
+
+    def make(**kwargs) -> Accelerator:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(cpu=True, **kwargs)
+
+    yield make
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def objective(width: int = 64, concepts: int = 2) -> ESDObjective:
+    gen = torch.Generator().manual_seed(7)
+    return ESDObjective(negatives=torch.randn(concepts, 77, width, generator=gen),
+                        uncond=torch.randn(77, width, generator=gen))
+
+
+def settings(**overrides) -> TrainerSettings:
+    return TrainerSettings(**{"steps": 2, "lr": 1e-3, "ddim_steps": 4, "latent_size": 8, **overrides})
+
+
+def esd_trainer(acc, subset="xattn", base=None, scheduler=None, checkpoint_dir=None, on_log=None, **overrides):
+    """ESD on the tiny UNet: a frozen teacher and an fp32 student training `subset`."""
+    torch.manual_seed(0)
+    base = tiny_unet() if base is None else base
+    student = copy.deepcopy(base).float()
+    select_trainable(student, subset)
+    return ErasureTrainer(acc, student, base, scheduler or sd_scheduler(), objective(), settings(**overrides),
+                          checkpoint_dir=checkpoint_dir, on_log=on_log)
+
+
+def lora_trainer(acc, checkpoint_dir=None, on_log=None, **overrides):
+    """LoRA with dropout: the teacher is the student with its adapter off, and dropout draws from torch's RNG."""
+    torch.manual_seed(0)
+    student = tiny_unet()
+    add_lora(student, "xattn", rank=2, alpha=2.0, dropout=0.2)
+    return ErasureTrainer(acc, student, None, sd_scheduler(), objective(), settings(**overrides),
+                          checkpoint_dir=checkpoint_dir, on_log=on_log)
+
+
+def trainable(trainer) -> dict[str, torch.Tensor]:
+    unet = trainer.accelerator.unwrap_model(trainer.student)
+    return {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+# -- defects 5/6: what the accelerator keeps --------------------------------------------------------
+def test_trainers_in_sequence_leave_nothing_in_the_accelerator(make_accelerator, tmp_path):
+    acc = make_accelerator()
+    with esd_trainer(acc, subset="xattn", steps=1) as first:
+        first.run()
+        gone = weakref.ref(first.optimizer)
+    assert acc._models == [] and acc._optimizers == []
+    gc.collect()
+    assert gone() is None  # nothing else holds the first round's AdamW state
+
+    second = esd_trainer(acc, subset="selfattn", checkpoint_every=1, checkpoint_dir=tmp_path / "ckpt")
+    assert len(acc._models) == 1 and len(acc._optimizers) == 1
+    second.run()
+    checkpoint = tmp_path / "ckpt" / "step_0000001"
+    assert load_file(checkpoint / "trainable.safetensors").keys() == trainable(second).keys()
+    assert all(".attn1." in name for name in trainable(second))  # selfattn only: nothing of the first trainer
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["optimizer"]
+    assert len(state["state"]) == len(trainable(second))
+    second.close()
+    assert acc._models == [] and acc._optimizers == []
+    assert acc.unwrap_model(second.student) is second.student  # the plain module stays usable after close
+
+
+# -- defect 8: checkpoints ---------------------------------------------------------------------------
+def test_checkpoint_holds_only_trainable_tensors_and_resume_equals_an_uninterrupted_run(make_accelerator, tmp_path):
+    """LoRA with dropout: the resumed run must replay dropout masks too, without RNG state in the checkpoint."""
+    straight = lora_trainer(make_accelerator(), steps=4)
+    straight.run()
+
+    def crash_at_step_3(step, metrics):
+        if step == 3:
+            raise Interrupt
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupt), lora_trainer(make_accelerator(), steps=4, checkpoint_every=2,
+                                                checkpoint_dir=ckpt, on_log=crash_at_step_3) as crashed:
+        crashed.run()
+    folder = ckpt / "step_0000002"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.json", "optimizer.pt", "trainable.safetensors"]
+    assert json.loads((folder / "checkpoint.json").read_text()) == {"step": 2}
+    tensors = load_file(folder / "trainable.safetensors")
+    assert tensors.keys() == trainable(straight).keys() and all("lora" in name for name in tensors)
+
+    resumed = lora_trainer(make_accelerator(), steps=4, checkpoint_every=2, checkpoint_dir=ckpt, resume=True)
+    result = resumed.run()
+    assert result.start_step == 2 and len(result.losses) == 2
+    for name, value in trainable(straight).items():
+        assert torch.equal(value, trainable(resumed)[name]), name
+
+
+@pytest.mark.parametrize(("limit", "kept"), [(1, [3]), (2, [2, 3]), (0, [1, 2, 3]), (None, [1, 2, 3])])
+def test_checkpoints_total_limit_keeps_the_newest(make_accelerator, tmp_path, limit, kept):
+    trainer = esd_trainer(make_accelerator(), checkpoint_every=1, checkpoint_dir=tmp_path,
+                          checkpoints_total_limit=limit)
+    for step in (1, 2, 3):
+        trainer.save_checkpoint(step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step_{s:07d}" for s in kept]
+
+
+def test_checkpointing_without_a_folder_fails_at_construction(make_accelerator):
+    with pytest.raises(ValueError, match="checkpoint_every=50 but no checkpoint_dir.*checkpoint_every=0"):
+        esd_trainer(make_accelerator(), checkpoint_every=50)
+
+
+def test_resuming_with_another_parameter_subset_says_so(make_accelerator, tmp_path):
+    esd_trainer(make_accelerator(), subset="xattn", checkpoint_every=1, checkpoint_dir=tmp_path).save_checkpoint(1)
+    other = esd_trainer(make_accelerator(), subset="selfattn", checkpoint_every=1, checkpoint_dir=tmp_path,
+                        resume=True)
+    with pytest.raises(ValueError, match="another parameter subset"):
+        other.run()
+
+
+# -- defects 7 and 17: optimiser and gradient accumulation ------------------------------------------
+def test_adamw_is_fused_on_cuda_and_torchs_default_elsewhere():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert make_optimizer(params, settings(), torch.device("cuda")).defaults["fused"] is True
+    assert not make_optimizer(params, settings(), torch.device("cpu")).defaults["fused"]
+
+
+def test_accumulated_gradient_is_the_mean_of_the_micro_batches(make_accelerator):
+    trainer = esd_trainer(make_accelerator(), grad_accum=2)
+    trainer.accumulate_gradients(step=0)
+    params = [p for p in trainer.student.parameters() if p.requires_grad]
+    accumulated = [p.grad.clone() for p in params]
+    per_micro = []
+    for micro in range(2):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.micro_step_loss(0, micro).backward()
+        per_micro.append([p.grad.clone() for p in params])
+    for acc_grad, g0, g1 in zip(accumulated, *per_micro):
+        mean = (g0 + g1) / 2
+        assert torch.linalg.norm(acc_grad - mean) <= 1e-5 * torch.linalg.norm(mean)
+    assert any(not torch.allclose(g0, g1) for g0, g1 in zip(*per_micro))  # the micro-batches differ
+
+
+# -- the SD 1.4 path: PNDM scheduler, bf16 frozen teacher, bf16 autocast, checkpointing, batch 4 ----------
+@pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sd14_shaped_unet_trains_with_a_half_precision_teacher_under_bf16_autocast(make_accelerator, teacher_dtype):
+    """model.dtype=bf16/fp16 with trainer=gpu. fp16 weights under CPU bf16 autocast fail ("mixed dtype (CPU)"),
+    and on CUDA autocast would recast them to bf16 each forward: the teacher runs outside autocast."""
+    acc = make_accelerator(mixed_precision="bf16")
+    torch.manual_seed(0)
+    teacher = rehearsal_unet().to(teacher_dtype)  # the frozen parts as loaded
+    frozen = {n: p.clone() for n, p in teacher.named_parameters()}
+    student = copy.deepcopy(teacher).float()
+    select_trainable(student, "noxattn")
+    trainer = ErasureTrainer(acc, student, teacher, sd14_scheduler(), objective(width=32),
+                             settings(batch_size=4, gradient_checkpointing=True, ddim_steps=6))
+    before = trainable(trainer)
+    result = trainer.run()
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert any(not torch.equal(before[n], p) for n, p in trainable(trainer).items())
+    assert all(p.dtype == torch.float32 for p in trainer.student.parameters())  # the student trains in fp32
+    assert all(p.dtype == teacher_dtype and torch.equal(p, frozen[n]) for n, p in teacher.named_parameters())
