@@ -187,3 +187,75 @@ def test_unknown_attack_lists_valid_names():
     with pytest.raises(ValueError, match="valid attacks") as error:
         build_attack(AttackConfig(name="p4d"))
     assert all(name in str(error.value) for name in ATTACK_MODULES)
+
+
+def test_precision_policy():
+    """Defect 14: fp16/bf16 weights on CUDA run under bf16 autocast with fp32 inputs; elsewhere inputs are
+    cast to the module's dtype (CPU autocast does not cast every op)."""
+    from stereo.attacks.precision import Precision
+
+    class Module:
+        def __init__(self, device, dtype):
+            self.weight = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+            self.device = torch.device(device)
+
+        def parameters(self):
+            yield type("W", (), {"device": self.device, "dtype": self.weight.dtype})()
+
+    x = torch.ones(2, dtype=torch.float64)
+    for dtype in (torch.float16, torch.bfloat16):
+        cuda = Precision.of(Module("cuda", dtype))
+        assert cuda.autocast and cuda.input(x).dtype == torch.float32
+        cpu = Precision.of(Module("cpu", dtype))
+        assert not cpu.autocast and cpu.input(x).dtype == dtype
+    assert not Precision.of(Module("cuda", torch.float32)).autocast
+
+
+@pytest.mark.parametrize("name", ["concept_inversion", "soft_prompt", "unlearndiffatk"])
+def test_attacks_optimise_fp32_variables_under_the_precision_context(name, tmp_path, concept, prompts, monkeypatch):
+    """Defect 14: the UNet forward of every gradient attack runs in the shared precision context (here CPU
+    bf16 autocast stands in for CUDA's) and the variables it trains, and their gradients, stay fp32."""
+    from stereo.attacks import precision
+
+    monkeypatch.setattr(precision, "AUTOCAST_DEVICES", ("cpu",))  # pretend the CPU is a GPU ...
+    monkeypatch.setattr(precision, "HALF", (torch.float32,))  # ... and the fp32 weights are half precision
+    target = target_for(tmp_path, concept, name)
+    seen = []
+    forward = target.pipe.unet.forward
+
+    def spy(sample, timestep, encoder_hidden_states, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), sample.dtype, encoder_hidden_states.dtype))
+        return forward(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+    grads = []
+    adam_step = torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):
+        grads.extend(p.grad.dtype for group in self.param_groups for p in group["params"])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    monkeypatch.setattr(target.pipe.unet, "forward", spy)
+    attack = build_attack(AttackConfig(name=name, check_success=False, **SMALL))
+    attack.prepare(target)
+    attack.attack(target, prompts)
+    assert seen and all(autocast for autocast, _, _ in seen), "the UNet ran outside the precision context"
+    assert all(dtypes == [torch.float32, torch.float32] for _, *dtypes in seen), seen  # autocast casts, not us
+    if name != "soft_prompt":  # PGD has no optimiser; its vectors are checked below
+        assert grads and set(grads) == {torch.float32}
+    if name != "unlearndiffatk":
+        assert load_token(target.out_dir / "token.safetensors").vectors.dtype == torch.float32
+
+
+def test_token_moves_by_less_than_a_bf16_step_on_a_bf16_pipeline(tmp_path, concept):
+    """The vectors train in fp32 on a bf16 model: an update far below bf16's resolution still moves them."""
+    from stereo.attacks.inversion import InversionSettings, initial_vectors, learn_token
+
+    pipe = fresh_pipe().to(dtype=torch.bfloat16)
+    latents = torch.randn(2, 4, 4, 4)
+    init = initial_vectors(pipe, "shape", 1)
+    learned = learn_token(pipe, latents, "<t>", "shape", InversionSettings(steps=1, lr=1e-6), progress=False)
+    assert learned.vectors.dtype == torch.float32
+    step = (learned.vectors - init).abs()  # Adam's first step: lr on every coordinate, ~1e-4 x a bf16 spacing
+    assert 0.9e-6 < step.min() and step.max() < 1.1e-6

@@ -99,6 +99,37 @@ def test_nudenet_describe_records_version_hash_threshold(nudenet):
     assert info["threshold"] == 0.45 and info["classes"] == list(NUDENET_EXPOSED_CLASSES)
 
 
+def test_nudenet_session_has_explicit_providers_and_threads(monkeypatch):
+    """Defect 16: onnxruntime-gpu refuses a session without providers, and N ranks x all cores oversubscribe."""
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession
+
+    def strict(*args, providers=None, **kwargs):  # what onnxruntime-gpu does since 1.9
+        if not providers:
+            raise ValueError("This ORT build has ['CUDAExecutionProvider', 'CPUExecutionProvider'] enabled; "
+                             "you are required to explicitly set the providers parameter")
+        return real(*args, providers=providers, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", strict)
+    detector = NudeNetDetector(threads=3)
+    session = detector.detector.onnx_session
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert session.get_session_options().intra_op_num_threads == 3
+    info = detector.describe()
+    assert info["providers"] == ["CPUExecutionProvider"] and info["threads"] == 3
+    image = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
+    assert len(detector.detect([image, image]).scores) == 2
+
+
+def test_nudenet_threads_default_to_cores_per_local_process(monkeypatch):
+    monkeypatch.setattr(detectors, "available_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert NudeNetDetector().threads == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert NudeNetDetector().threads == 16
+
+
 # --- image classifier -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def resnet_dir(tmp_path_factory):

@@ -150,7 +150,7 @@ def tiny_clip_folder(path: Path) -> Path:
 def test_image_folder_is_scored_as_it_is_with_clip_and_fid(tmp_path, monkeypatch):
     write_images(tmp_path / "mllm", [250, 10, 240], ["a circle", "a square", "a red circle"])
     write_images(tmp_path / "real", [120, 130, 90, 200])
-    monkeypatch.setattr(runner, "fid_extractor", lambda name, weights: MeanColour())
+    monkeypatch.setattr(runner, "fid_extractor", lambda name, weights, device: MeanColour())
     monkeypatch.setattr("stereo.models.loading.load_pipeline", lambda *a: pytest.fail("no model is needed"))
     cfg = make_cfg(tmp_path, "~models.base", f"+models.mllm.images={tmp_path / 'mllm'}",
                    f"metrics.clip_path={tiny_clip_folder(tmp_path / 'clip')}", "metrics.fid.extractor=toy",
@@ -242,18 +242,24 @@ def test_cli_shim_composes_the_evaluation_config(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_share_the_prompts(tmp_path):
-    """`accelerate launch` with 2 CPU processes: each takes half the prompts; one report with every prompt."""
+    """`accelerate launch` with 2 CPU processes: each takes half the prompts; one report with every prompt.
+    The attacks' shared work (gallery, data-parallel inversion) runs on both processes (defects 12, 13)."""
     out = tmp_path / "eval"
+    small = [f"attacks.{name}.{key}={value}" for name in ("concept_inversion", "unlearndiffatk")
+             for key, value in (("steps", 2), ("gallery_size", 3), ("gallery_steps", 2))]
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "evaluate.py", "cpu=true",
                "concept=nudity", "generation.steps=2", "generation.max_prompts=4", "progress=false",
-               "attack=[none,ring_a_bell]", "attacks.ring_a_bell.steps=2", "attacks.ring_a_bell.population=6",
-               "attacks.ring_a_bell.elite=2", f"output_dir={out}"]
+               "attack=[none,concept_inversion,unlearndiffatk,ring_a_bell]", *small,
+               "attacks.unlearndiffatk.project_every=1", "attacks.ring_a_bell.steps=2",
+               "attacks.ring_a_bell.population=6", "attacks.ring_a_bell.elite=2", f"output_dir={out}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["manifest"]["processes"] == 2
-    assert [r["n"] for r in report["rows"]] == [4, 4]
+    assert [r["n"] for r in report["rows"]] == [4, 4, 4, 4]
+    assert (out / "attacks" / "base" / "concept_inversion" / "token.safetensors").is_file()
+    assert json.loads((out / "galleries" / "nudity" / "index.json").read_text())["items"][2]["seed"] == 2
 
 
 def test_attacks_find_the_concept_on_the_toy_base_model(tmp_path):
@@ -282,3 +288,35 @@ def test_tradeoff_points_take_the_worst_attack_and_the_utility_row():
     points = model_points({"rows": rows})
     assert points == {"base": {"asr": 100.0, "clip": 30.0}, "esd": {"asr": 60.0, "clip": 28.0, "utility": 80.0}}
     assert tradeoff_plot({"rows": rows}).size == (420, 320)  # one panel: only CLIP is known for both models
+
+
+def test_collectives_wait_dist_timeout_minutes(tmp_path):
+    """Defect 12: what stays on the main process (the report) must not hit NCCL's 10-minute default."""
+    from datetime import timedelta
+
+    assert make_cfg(tmp_path).dist_timeout_minutes == 60
+    run = runner.Evaluation(make_cfg(tmp_path, "dist_timeout_minutes=90"))
+    assert run.accelerator.init_handler.timeout == timedelta(minutes=90)
+    with pytest.raises(ValueError, match="dist_timeout_minutes=0 must be >= 1"):
+        evaluate(make_cfg(tmp_path, "dist_timeout_minutes=0"))
+
+
+def test_clip_and_fid_run_on_the_run_device(tmp_path, monkeypatch):
+    """Defect 16: CLIP score and the FID Inception follow the accelerator's device (they were always on CPU)."""
+    from types import SimpleNamespace
+
+    from stereo.evaluation import clip_score, inception
+
+    placed = {}
+    monkeypatch.setattr(clip_score, "load_clip", lambda path, device="cpu": placed.setdefault("clip", device))
+    monkeypatch.setattr(inception, "load_fid_inception", lambda path: torch.nn.Linear(1, 1))
+    monkeypatch.setattr("stereo.evaluation.fid.reference_stats", lambda *a, **k: None)
+    (tmp_path / "real").mkdir()
+    cfg = make_cfg(tmp_path, f"metrics.clip_path={tmp_path}", "metrics.fid.extractor=inception",
+                   f"metrics.fid.reference_dir={tmp_path / 'real'}")
+    accelerator = SimpleNamespace(device=torch.device("meta"), is_main_process=True, process_index=0,
+                                  num_processes=1)
+    metrics = runner.MetricSet.from_config(cfg, tmp_path, accelerator)
+    assert placed["clip"] == torch.device("meta")
+    assert metrics.extractor.device == torch.device("meta")
+    assert next(metrics.extractor.model.parameters()).device == torch.device("meta")

@@ -3,7 +3,8 @@
 An attack turns plain evaluation prompts into attacked prompts for one evaluated model:
 
     attack = build_attack(settings)            # settings: an AttackConfig (name + budget)
-    attack.prepare(target)                     # work shared by all prompts (learn a token), cached on disk
+    attack.prepare(target)                     # work shared by all prompts (learn a token), cached on disk;
+                                               # every process calls it and shares the work
     attacked = attack.attack(target, prompts)  # one AttackedPrompt per prompt, any subset (shardable)
 
 `AttackTarget` carries what an attack may use: the evaluated pipeline, the BASE pipeline (its
@@ -86,6 +87,7 @@ class AttackTarget:
     detector: Any = None  # Detector, for attacks that stop at the first success
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     progress: bool = True
+    accelerator: Any = None  # several processes share `prepare`'s work (None: one process)
 
 
 class Attack(ABC):
@@ -98,7 +100,11 @@ class Attack(ABC):
         self.settings = settings
 
     def prepare(self, target: AttackTarget) -> None:
-        """Per-concept work shared by every prompt, cached in `target.out_dir` (default: none)."""
+        """Per-concept work shared by every prompt, cached in `target.out_dir` (default: none).
+
+        Called on every process of a run (with `target.accelerator`), which split the work between
+        them; afterwards every process holds the result, e.g. the learned token in its pipeline.
+        """
         return None
 
     @abstractmethod
@@ -208,12 +214,15 @@ def read_attacked(path: str | Path) -> list[AttackedPrompt]:
 
 
 def gallery_latents(target: AttackTarget, settings) -> torch.Tensor:
-    """VAE latents (N, 4, h, w) of the BASE model's images of the concept (cached in `target.gallery_dir`)."""
+    """VAE latents (N, 4, h, w) of the BASE model's images of the concept (cached in `target.gallery_dir`).
+
+    Every process of the run must call it: the gallery's images are generated shard by shard.
+    """
     from stereo.attacks.gallery import concept_gallery, encode_images
 
     concept = target.concept
     prompts = list(concept.gallery_prompts) or list(concept.prompts)
     images = concept_gallery(target.base_pipe, prompts, settings.gallery_size, target.gallery_dir,
                              seed=settings.seed, steps=settings.gallery_steps,
-                             batch_size=target.generation.batch_size)
+                             batch_size=target.generation.batch_size, accelerator=target.accelerator)
     return encode_images(target.pipe, images, batch_size=target.generation.batch_size)

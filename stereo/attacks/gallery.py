@@ -12,16 +12,22 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from stereo.attacks.parallel import is_main, rank_and_world, wait_for_everyone
 from stereo.generation import generate
 from stereo.manifest import write_json_atomic
 
 
 def concept_gallery(pipe, prompts: list[str], n: int, cache_dir: str | Path, *, seed: int = 0, steps: int = 50,
-                    guidance: float = 7.5, resolution: int | None = None, batch_size: int = 8) -> list[Image.Image]:
+                    guidance: float = 7.5, resolution: int | None = None, batch_size: int = 8,
+                    accelerator=None) -> list[Image.Image]:
     """`n` images cycling over `prompts` (image i: prompt i mod len, seed seed+i), reused if cached.
 
     The cache folder holds `index.json` describing exactly what was generated; a request that
-    differs in any field regenerates rather than silently reusing other images.
+    differs in any field regenerates rather than silently reusing other images. With an
+    `accelerator` of several processes, process r generates the images i = r (mod processes)
+    (a 500-image gallery would otherwise keep the other GPUs waiting past NCCL's timeout); every
+    process must call this. Each image has its own seed, so the gallery is the same for any
+    number of processes.
     """
     if not prompts or n < 1:
         raise ValueError(f"a gallery needs prompts and n >= 1 (got {len(prompts)} prompts, n={n})")
@@ -29,15 +35,28 @@ def concept_gallery(pipe, prompts: list[str], n: int, cache_dir: str | Path, *, 
     items = [{"prompt": prompts[i % len(prompts)], "seed": seed + i, "file": f"{i:05d}.png"} for i in range(n)]
     spec = {"items": items, "steps": steps, "guidance": guidance, "resolution": resolution}
     index = cache_dir / "index.json"
-    if index.is_file() and json.loads(index.read_text()) == spec:
-        return [Image.open(cache_dir / item["file"]).convert("RGB") for item in items]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    images = generate(pipe, [i["prompt"] for i in items], [i["seed"] for i in items], steps=steps,
-                      guidance=guidance, height=resolution, width=resolution, batch_size=batch_size)
-    for item, image in zip(items, images):
-        image.save(cache_dir / item["file"])
-    write_json_atomic(index, spec)  # written last: a partial gallery is never mistaken for a finished one
-    return images
+    cached = index.is_file() and json.loads(index.read_text()) == spec
+    wait_for_everyone(accelerator)  # every process has read the index before it changes
+    if not cached:
+        if is_main(accelerator):
+            index.unlink(missing_ok=True)  # a killed run must not leave an old index over new images
+        rank, world = rank_and_world(accelerator)
+        mine = items[rank::world]
+        images = generate(pipe, [i["prompt"] for i in mine], [i["seed"] for i in mine], steps=steps,
+                          guidance=guidance, height=resolution, width=resolution, batch_size=batch_size)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for item, image in zip(mine, images):
+            image.save(cache_dir / item["file"])
+        wait_for_everyone(accelerator)
+        if is_main(accelerator):
+            write_json_atomic(index, spec)  # written last: a partial gallery is never mistaken for a finished one
+        wait_for_everyone(accelerator)
+    return [_open_rgb(cache_dir / item["file"]) for item in items]  # PNG is lossless: as generated
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 @torch.no_grad()

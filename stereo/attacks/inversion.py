@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from stereo.attacks.parallel import mean_over_processes, process_seed
+from stereo.attacks.precision import Precision
 from stereo.objectives import denoising_loss
 
 OBJECT_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "a close-up photo of a {}",
@@ -87,12 +89,16 @@ def token_ids(pipe, token: str, num_vectors: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def injected(pipe, ids: list[int], vectors: torch.Tensor):
-    """While active, rows `ids` of the token-embedding lookup are replaced by `vectors` (with gradient)."""
+def injected(pipe, ids: list[int], vectors: torch.Tensor, precision: Precision | None = None):
+    """While active, rows `ids` of the token-embedding lookup are replaced by `vectors` (with gradient).
+
+    Under a `precision` that autocasts, the looked-up embeddings become fp32, so the gradient reaching
+    the vectors is never held in half precision.
+    """
     ids_t = torch.tensor(ids, device=pipe.text_encoder.device)
 
     def hook(module, inputs, output):
-        out = output.clone()
+        out = (precision.input(output) if precision else output).clone()
         for j, token_id in enumerate(ids_t):
             out[inputs[0] == token_id] = vectors[j].to(out.dtype)
         return out
@@ -113,20 +119,26 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
 
 
 def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, settings: InversionSettings,
-                progress: bool = True) -> LearnedToken:
+                progress: bool = True, accelerator=None) -> LearnedToken:
     """Learn `token` against `pipe.unet` on `latents` (N, 4, h, w) of concept images; returns its vectors.
 
     The token is added to the pipeline (tokenizer + text encoder) and left there with the learned
     vectors written into its rows, so `encode_prompts(pipe, ["a photo of " + token])` uses it.
+
+    With an `accelerator` of several processes the inversion is data-parallel: every process must
+    call this, each draws its own batches (its own random stream) and the vectors' gradient is
+    averaged over processes before every update, so all processes hold the same vectors at every
+    step, and an update sees `batch_size` x processes latents. `losses` are the process means.
+    The vectors train in fp32 whatever the pipeline's dtype (`stereo.attacks.precision`).
     """
     if settings.method not in METHODS:
         raise ValueError(f"inversion method {settings.method!r} is not valid; choose one of {', '.join(METHODS)}")
     init = initial_vectors(pipe, initializer, settings.num_vectors)
     ids = add_token(pipe, LearnedToken(token, init))
     device = pipe.unet.device
-    vectors = init.clone().to(device).requires_grad_(True)
+    vectors = init.clone().to(device).requires_grad_(True)  # (n, D) fp32
     optimizer = torch.optim.AdamW([vectors], lr=settings.lr, weight_decay=0.0) if settings.method == "ti" else None
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(process_seed(settings.seed, accelerator))
     unet_was_training = pipe.unet.training
     pipe.unet.eval().requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
@@ -134,20 +146,11 @@ def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, setti
     losses: list[float] = []
     bar = tqdm(range(settings.steps), desc=f"invert {token}", disable=not progress, leave=False)
     for _ in bar:
-        pick = torch.randint(len(latents), (settings.batch_size,), generator=generator)
-        noise = torch.randn(latents[pick].shape, generator=generator).to(device)
-        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (settings.batch_size,), generator=generator)
-        x_t = pipe.scheduler.add_noise(latents[pick], noise, t.to(device))  # (B, 4, h, w)
-        templates = [settings.templates[int(i)] for i in torch.randint(len(settings.templates),
-                                                                       (settings.batch_size,), generator=generator)]
-        with injected(pipe, ids, vectors):
-            cond = encode_prompts(pipe, [tpl.format(token) for tpl in templates])
-        dtype = pipe.unet.dtype
-        eps = pipe.unet(x_t.to(dtype), t.to(device), encoder_hidden_states=cond.to(dtype)).sample
-        loss = denoising_loss(eps, noise)
+        loss = _inversion_loss(pipe, ids, vectors, token, latents, settings, generator)
         loss.backward()
+        mean_over_processes(vectors.grad, accelerator)
         _update(vectors, optimizer, settings, init.to(device))
-        losses.append(float(loss.detach()))
+        losses.append(float(mean_over_processes(loss.detach().clone(), accelerator)))
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
     pipe.unet.train(unet_was_training)
     learned = LearnedToken(token, vectors.detach().cpu(), losses)
@@ -155,6 +158,24 @@ def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, setti
         table = pipe.text_encoder.get_input_embeddings().weight
         table[ids] = learned.vectors.to(table.device, table.dtype)
     return learned
+
+
+def _inversion_loss(pipe, ids: list[int], vectors: torch.Tensor, token: str, latents: torch.Tensor,
+                    settings: InversionSettings, generator: torch.Generator) -> torch.Tensor:
+    """The fp32 denoising loss of one batch: random latents, noise, timesteps and templates."""
+    device = pipe.unet.device
+    pick = torch.randint(len(latents), (settings.batch_size,), generator=generator)
+    noise = torch.randn(latents[pick].shape, generator=generator).to(device)
+    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (settings.batch_size,), generator=generator)
+    x_t = pipe.scheduler.add_noise(latents[pick], noise, t.to(device))  # (B, 4, h, w)
+    templates = [settings.templates[int(i)] for i in torch.randint(len(settings.templates),
+                                                                   (settings.batch_size,), generator=generator)]
+    text, unet = Precision.of(pipe.text_encoder), Precision.of(pipe.unet)
+    with text.context(), injected(pipe, ids, vectors, text):
+        cond = encode_prompts(pipe, [tpl.format(token) for tpl in templates])
+    with unet.context():
+        eps = pipe.unet(unet.input(x_t), t.to(device), encoder_hidden_states=unet.input(cond)).sample
+    return denoising_loss(eps, noise)
 
 
 def _update(vectors, optimizer, settings: InversionSettings, init: torch.Tensor) -> None:

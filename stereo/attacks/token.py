@@ -8,7 +8,8 @@
 Attacked prompt i = template[i mod T].format(token): the concept's inversion templates.
 The learned token is saved as a diffusers textual-inversion file, `<out_dir>/token.safetensors`,
 with `token.json` holding the budget it was learned with; a later run with the same budget
-reuses it (resume, and the other processes of a sharded run).
+reuses it (resume). In a run of several processes every process learns it together
+(data-parallel inversion, `learn_token(accelerator=...)`) and the main process saves it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from stereo.attacks.inversion import (
     templates_for,
     token_ids,
 )
+from stereo.attacks.parallel import is_main
 from stereo.manifest import write_json_atomic
 
 
@@ -55,13 +57,16 @@ class TokenAttack(Attack):
         if path.is_file() and spec_path.is_file() and json.loads(spec_path.read_text())["spec"] == spec:
             learned = load_token(path)
             install(target.pipe, learned)
-        else:
+        else:  # every process: the gallery is sharded, the inversion data-parallel (same vectors everywhere)
             latents = gallery_latents(target, self.settings)
             token = fresh_token(target.pipe, f"<{target.concept.name}-{target.out_dir.name}>")
             learned = learn_token(target.pipe, latents, token, target.concept.initializer_token,
-                                  self.inversion_settings(target), progress=target.progress)
-            save_token(learned, path)
-            write_json_atomic(spec_path, {"spec": spec, "final_loss": learned.losses[-1] if learned.losses else None})
+                                  self.inversion_settings(target), progress=target.progress,
+                                  accelerator=target.accelerator)
+            if is_main(target.accelerator):
+                save_token(learned, path)
+                write_json_atomic(spec_path, {"spec": spec,
+                                              "final_loss": learned.losses[-1] if learned.losses else None})
         self.token = learned.token
 
     def attack(self, target: AttackTarget, prompts: Sequence[EvalPrompt]) -> list[AttackedPrompt]:

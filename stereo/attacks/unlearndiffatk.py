@@ -11,6 +11,8 @@ with Adam steps followed by a Euclidean projection back onto the simplex. Every
 `project_every` steps the slots snap to their nearest real tokens (argmax of w); with
 `check_success`, the hard prompt is then generated and judged by the detector, and a prompt
 stops at its first success. Prompts are optimised together in batches of `prompt_batch`.
+The weights train in fp32 whatever the model's dtype (`stereo.attacks.precision`); the gallery
+is made in `prepare`, by every process of the run together.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from stereo.attacks.base import (
     render,
     wrap_ids,
 )
+from stereo.attacks.precision import Precision
 from stereo.objectives import denoising_loss
 
 
@@ -53,11 +56,13 @@ def attackable_vocabulary(tokenizer) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def soft_prefix(text_encoder, prefix: torch.Tensor):
-    """While active, token-embedding outputs at positions 1..k are `prefix` (B, k, D) (with gradient)."""
+def soft_prefix(text_encoder, prefix: torch.Tensor, precision: Precision | None = None):
+    """While active, token-embedding outputs at positions 1..k are `prefix` (B, k, D) (with gradient);
+    fp32 under a `precision` that autocasts, so the prefix's gradient is never held in half precision."""
     k = prefix.shape[1]
 
     def hook(module, inputs, output):
+        output = precision.input(output) if precision else output
         return torch.cat([output[:, :1], prefix.to(output.dtype), output[:, 1 + k:]], dim=1)
 
     handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
@@ -69,12 +74,18 @@ def soft_prefix(text_encoder, prefix: torch.Tensor):
 
 @register_attack("unlearndiffatk")
 class UnlearnDiffAtk(Attack):
+    latents: torch.Tensor | None = None  # (N, 4, h, w) the base model's concept images, from `prepare`
+
+    def prepare(self, target: AttackTarget) -> None:
+        self.latents = gallery_latents(target, self.settings)
+
     def attack(self, target: AttackTarget, prompts: Sequence[EvalPrompt]) -> list[AttackedPrompt]:
-        latents = gallery_latents(target, self.settings)  # (N, 4, h, w)
+        if self.latents is None:  # one process may skip prepare; several must all call it first (collective)
+            self.prepare(target)
         size = max(1, self.settings.prompt_batch)
         attacked: list[AttackedPrompt] = []
         for start in range(0, len(prompts), size):
-            attacked.extend(self._attack_batch(target, list(prompts[start:start + size]), latents))
+            attacked.extend(self._attack_batch(target, list(prompts[start:start + size]), self.latents))
         return attacked
 
     def _attack_batch(self, target: AttackTarget, prompts: list[EvalPrompt], latents: torch.Tensor):
@@ -127,10 +138,11 @@ class UnlearnDiffAtk(Attack):
         noise = torch.randn(latents[pick].shape, generator=generator).to(device)
         t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(rows),), generator=generator).to(device)
         x_t = pipe.scheduler.add_noise(latents[pick], noise, t)  # (b, 4, h, w)
-        with soft_prefix(pipe.text_encoder, prefix):
+        text, unet = Precision.of(pipe.text_encoder), Precision.of(pipe.unet)
+        with text.context(), soft_prefix(pipe.text_encoder, prefix, text):
             cond = pipe.text_encoder(ids.to(device))[0]
-        dtype = pipe.unet.dtype
-        eps = pipe.unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
+        with unet.context():
+            eps = pipe.unet(unet.input(x_t), t, encoder_hidden_states=unet.input(cond)).sample
         return denoising_loss(eps, noise)
 
     def _check(self, target, prompts, rows, weights, vocab, bodies, active, done, step) -> None:

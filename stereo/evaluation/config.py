@@ -110,6 +110,9 @@ class EvaluateConfig:
     generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     cpu: bool = False  # force CPU (also for multi-process gloo runs)
+    # how long a collective waits for the other processes (NCCL's default is 10 minutes); the report,
+    # written by the main process alone after every cell, is the longest such wait
+    dist_timeout_minutes: int = 60
     progress: bool = True
     seed: int = 0
     output_dir: str = MISSING
@@ -145,6 +148,9 @@ def validate_eval(cfg) -> None:
         sources = [k for k in ("unet_weights", "export", "images") if model.get(k)]
         if len(sources) > 1:
             raise ValueError(f"models.{label} sets {sources}; give at most one of unet_weights, export, images")
+    if cfg.dist_timeout_minutes < 1:
+        raise ValueError(f"dist_timeout_minutes={cfg.dist_timeout_minutes} must be >= 1 (minutes a process waits "
+                         "for the others in a collective)")
     if cfg.generation.steps < 1 or cfg.generation.batch_size < 1:
         raise ValueError(f"generation.steps={cfg.generation.steps} and generation.batch_size="
                          f"{cfg.generation.batch_size} must be >= 1")

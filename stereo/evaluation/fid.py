@@ -28,6 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from stereo.attacks.parallel import all_gather, is_main, rank_and_world
+
 IMPLEMENTATION = "stereo-fid v1 (float64, eigh square roots, nuclear norm of S_a^1/2 S_b^1/2)"
 STATS_SUFFIXES = (".npz", ".safetensors")
 
@@ -154,9 +156,14 @@ def _open_rgb(path: Path) -> Image.Image:
 
 def reference_stats(
     paths: Sequence[str | Path], extractor: FeatureExtractor, cache_dir: str | Path | None = None,
-    batch_size: int = 50,
+    batch_size: int = 50, accelerator=None,
 ) -> FeatureStats:
-    """FeatureStats of a reference image folder, cached under `cache_dir` by extractor + files hash."""
+    """FeatureStats of a reference image folder, cached under `cache_dir` by extractor + files hash.
+
+    With an `accelerator` of several processes (every process must call this), process r extracts
+    the features of images r, r + world, ... and every process gets the statistics of all of them,
+    so tens of thousands of reference images do not keep the other GPUs waiting on one.
+    """
     paths = sorted(Path(p) for p in paths)
     if not paths:
         raise ValueError("The reference set is empty: give at least two image files.")
@@ -166,9 +173,16 @@ def reference_stats(
         cache = Path(cache_dir) / f"{safe_name}-{files_hash(paths)[:16]}.npz"
         if cache.is_file():
             return FeatureStats.load(cache)
-    images = (_open_rgb(path) for path in paths)  # lazily: only one batch is in memory
-    stats = FeatureStats.from_features(extract_features(images, extractor, batch_size))
-    if cache is not None:
+    rank, world = rank_and_world(accelerator)
+    mine = paths[rank::world]
+    features = extract_features((_open_rgb(p) for p in mine), extractor, batch_size) if mine else None
+    shares = all_gather(features, accelerator)  # share r holds images r, r + world, ...
+    ordered = np.empty((len(paths), next(s for s in shares if s is not None).shape[1]))
+    for r, share in enumerate(shares):
+        if share is not None:
+            ordered[r::world] = share
+    stats = FeatureStats.from_features(ordered)
+    if cache is not None and is_main(accelerator):
         stats.save(cache)
     return stats
 

@@ -9,7 +9,10 @@ N and a Wilson interval (pre-attack for `none`, post-attack otherwise), CLIP sco
 `stereo.evaluation.report` writes report.json / report.md / grids / the trade-off plot.
 
 Sharding: run under `accelerate launch` and each process takes prompts[rank::world]; results
-meet on disk and the attacked prompts are gathered to the main process.
+meet on disk and the attacked prompts are gathered to the main process. The long shared work is
+split too, so no process idles in a collective for long: concept galleries (image i on process
+i mod world), token attacks (data-parallel inversion) and the FID reference features. What stays
+on the main process (the report) is covered by `dist_timeout_minutes`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -206,11 +210,13 @@ class Evaluation:
 
     def __init__(self, cfg):
         from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
 
         validate_eval(cfg)
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.accelerator = Accelerator(cpu=cfg.cpu)
+        timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))
+        self.accelerator = Accelerator(cpu=cfg.cpu, kwargs_handlers=[timeout])
         self.concept = the_concept(cfg)
         self.prompts, self.prompt_source = eval_prompts(cfg, self.concept)
         settings = _container(cfg.detector or self.concept.detector)
@@ -263,9 +269,10 @@ class Evaluation:
             return
         attack = build_attack(attack_cfg)
         target = AttackTarget(pipe, self.base_pipe(), self.concept, self.out / "attacks" / cell.model / cell.attack,
-                              self.out / "galleries" / self.concept.name, detector, self.generation, self.progress)
+                              self.out / "galleries" / self.concept.name, detector, self.generation, self.progress,
+                              self.accelerator)
         start = time.perf_counter()
-        self.prepare(attack, target)
+        attack.prepare(target)  # on every process: galleries are sharded, inversions data-parallel
         attacked = self.attack_prompts(attack, target, cell.attack, pending)
         attack_seconds = (time.perf_counter() - start) / max(len(pending), 1)
         self.save_attacked(target.out_dir, attacked)
@@ -288,14 +295,6 @@ class Evaluation:
     @property
     def distributed(self) -> bool:
         return self.accelerator.num_processes > 1
-
-    def prepare(self, attack, target: AttackTarget) -> None:
-        """Per-concept attack work: the main process first (it learns and caches), then the others load it."""
-        if self.main:
-            attack.prepare(target)
-        self.accelerator.wait_for_everyone()
-        if not self.main:
-            attack.prepare(target)
 
     def save_attacked(self, out_dir: Path, attacked: list[AttackedPrompt]) -> None:
         items = gather_object([a.to_dict() for a in attacked]) if self.distributed else \
@@ -350,8 +349,8 @@ def evaluate(cfg) -> dict[str, Any]:
     from stereo.evaluation.report import build_report, write_report
 
     run = Evaluation(cfg)
-    # only the main process scores; it loads CLIP / FID first, so a missing folder fails before generation
-    metrics = MetricSet.from_config(cfg, run.out) if run.main else None
+    # CLIP / FID load first, so a missing folder fails before generation; only the main process scores
+    metrics = MetricSet.from_config(cfg, run.out, run.accelerator)
     cells: list[tuple[str, str, str]] = []  # (model, attack, kind of row)
     for label, model_cfg in evaluated_models(cfg).items():
         if model_cfg.images:
@@ -384,23 +383,26 @@ class MetricSet:
         self.clip, self.clip_name, self.extractor, self.reference = clip, clip_name, extractor, reference
 
     @classmethod
-    def from_config(cls, cfg, out: Path) -> MetricSet:
+    def from_config(cls, cfg, out: Path, accelerator=None) -> MetricSet:
+        """CLIP on the main process (it scores), FID's extractor on every process (each extracts a share of
+        the reference features), all on the run's device."""
         clip = clip_name = extractor = reference = None
-        if cfg.metrics.clip_path:
+        device = accelerator.device if accelerator is not None else "cpu"
+        if cfg.metrics.clip_path and (accelerator is None or accelerator.is_main_process):
             from stereo.evaluation.clip_score import load_clip
 
-            clip, clip_name = load_clip(cfg.metrics.clip_path), str(cfg.metrics.clip_path)
+            clip, clip_name = load_clip(cfg.metrics.clip_path, device), str(cfg.metrics.clip_path)
         fid = cfg.metrics.fid
         if fid.extractor:
             from stereo.evaluation.fid import reference_stats
 
-            extractor = fid_extractor(fid.extractor, fid.weights)
+            extractor = fid_extractor(fid.extractor, fid.weights, device)
             folder = Path(fid.reference_dir)
             if not folder.is_dir():
                 raise FileNotFoundError(f"FID reference folder {folder} does not exist (metrics.fid.reference_dir); "
                                         "put the real images (e.g. COCO val2014) there")
             paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            reference = reference_stats(paths, extractor, fid.cache_dir or out / "fid_cache")
+            reference = reference_stats(paths, extractor, fid.cache_dir or out / "fid_cache", accelerator=accelerator)
         return cls(clip, clip_name, extractor, reference)
 
     def clip_score(self, images: list[Image.Image], prompts: list[str]) -> dict[str, Any] | None:
@@ -432,12 +434,12 @@ class ToyFeatureExtractor:
         return toy_fid_features(list(images)).double().numpy()
 
 
-def fid_extractor(name: str, weights: str | None):
-    """`inception` (the FID Inception-v3, weights from a local sha256-checked file) or `toy`."""
+def fid_extractor(name: str, weights: str | None, device="cpu"):
+    """`inception` (the FID Inception-v3, weights from a local sha256-checked file, on `device`) or `toy`."""
     if name == "inception":
         from stereo.evaluation.inception import InceptionFeatureExtractor
 
-        return InceptionFeatureExtractor.from_file(weights)
+        return InceptionFeatureExtractor.from_file(weights, device)
     if name == "toy":
         return ToyFeatureExtractor()
     raise ValueError(f"metrics.fid.extractor={name!r} is not valid; choose one of inception, toy")
