@@ -135,12 +135,14 @@ class TrainerConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # 0 = never (a final export still happens)
+    checkpoints_total_limit: int = 2  # newest checkpoints kept (0 = keep all)
     resume: bool = False
     log_every: int = 1
     sample_every: int = 0  # 0 = only at the end (if logger asks for samples)
     sample_steps: int = 25
     sample_guidance: float = 7.5
     cpu: bool = False  # force CPU (also for multi-process gloo runs on CPU)
+    dist_timeout_minutes: int = 60  # how long a collective waits for the other processes
 
 
 @dataclass
@@ -222,6 +224,9 @@ def validate(cfg: DictConfig | StereoConfig) -> None:
     if cfg.method.ste.rounds < 1 or cfg.method.reo.anchors_per_step < 1:
         raise ValueError(f"method.ste.rounds={cfg.method.ste.rounds} and method.reo.anchors_per_step="
                          f"{cfg.method.reo.anchors_per_step} must be >= 1")
+    if cfg.trainer.checkpoints_total_limit < 0 or cfg.trainer.dist_timeout_minutes < 1:
+        raise ValueError(f"trainer.checkpoints_total_limit={cfg.trainer.checkpoints_total_limit} must be >= 0 "
+                         f"(0 = keep all) and trainer.dist_timeout_minutes={cfg.trainer.dist_timeout_minutes} >= 1")
     if not 1 <= cfg.method.ddim_steps <= 1000:
         raise ValueError(f"method.ddim_steps={cfg.method.ddim_steps} must be in [1, 1000]")
 

@@ -12,13 +12,13 @@ def run_esd(session: Session) -> dict:
     prompts = session.concept_prompts()
     objective = ESDObjective(negatives=session.encode(prompts), uncond=session.encode([""])[0], eta=cfg.method.eta)
     student, teacher, names = session.make_student()
-    trainer = ErasureTrainer(
+    with ErasureTrainer(
         session.accelerator, student, teacher, session.pipe.scheduler, objective, session.trainer_settings(),
         checkpoint_dir=session.output_dir / "checkpoints", on_log=session.log,
         on_sample=session.sampler(prompts, "esd"),
-    )
-    result = trainer.run()
-    unet = session.accelerator.unwrap_model(trainer.student).eval()
+    ) as trainer:
+        result = trainer.run()
+        unet = session.accelerator.unwrap_model(trainer.student).eval()
     export_dir = session.export(unet, names, erased=prompts, final_loss=result.losses[-1] if result.losses else None)
     samples = session.save_samples(unet, prompts, "esd")
     return {"export_dir": export_dir, "samples": samples, "losses": result.losses,

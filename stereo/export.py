@@ -2,7 +2,7 @@
 
 Layout of an export folder:
   unet/                    diffusers UNet: UNet2DConditionModel.from_pretrained(dir / "unet")
-  pipeline/                full StableDiffusionPipeline.from_pretrained(dir / "pipeline")
+  pipeline/                full StableDiffusionPipeline.from_pretrained(dir / "pipeline"), saved in fp32
   delta.safetensors        only the trained tensors (apply with stereo.models.load_unet_weights)
   lora/                    adapter for pipe.load_lora_weights(dir / "lora")
   manifest.json            resolved config, seed, base model, subset, versions, commit, sha256 per file
@@ -12,11 +12,13 @@ a killed export never leaves a folder that looks complete.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
@@ -46,7 +48,8 @@ def merged_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
         state[key] = (value + deltas[key].to(value.dtype)) if key in deltas else value
     plain = UNet2DConditionModel.from_config(unet.config)
     plain.load_state_dict(state, strict=True)
-    return plain.to(next(unet.parameters()).dtype)
+    reference = next(unet.parameters())
+    return plain.to(reference.device, reference.dtype)
 
 
 def export_erased(
@@ -68,9 +71,7 @@ def export_erased(
         if "pipeline" in formats:
             if pipe is None:
                 raise ValueError("export format 'pipeline' needs the base pipeline")
-            StableDiffusionPipeline(**{**pipe.components, "unet": plain}).save_pretrained(
-                tmp / "pipeline", safe_serialization=True
-            )
+            _save_pipeline(pipe, plain, tmp / "pipeline")
         if "delta" in formats:
             save_file(trainable_state_dict(unet, trainable_names), str(tmp / "delta.safetensors"),
                       metadata={"format": "stereo-delta", "tensors": str(len(trainable_names))})
@@ -85,6 +86,26 @@ def export_erased(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _save_pipeline(pipe: StableDiffusionPipeline, unet: UNet2DConditionModel, path: Path) -> None:
+    """The base pipeline with the erased UNet, every component saved in fp32 (copies; `pipe` is untouched).
+
+    One dtype on disk is what makes `StableDiffusionPipeline.from_pretrained(path)` work as is:
+    diffusers upcasts half-precision weights when loading without `torch_dtype` but transformers
+    keeps the text encoder's, and a bf16 text encoder then feeds an fp32 UNet. fp32 also keeps the
+    erased weights exactly; `torch_dtype=torch.float16` casts everything on load.
+    """
+    components = {**pipe.components, "unet": unet}
+    StableDiffusionPipeline(**{name: _in_fp32(module) for name, module in components.items()}).save_pretrained(
+        path, safe_serialization=True
+    )
+
+
+def _in_fp32(module):
+    if not isinstance(module, torch.nn.Module) or module.dtype == torch.float32:
+        return module
+    return copy.deepcopy(module).float()
 
 
 def _save_lora(unet, path: Path) -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import copy
+from typing import Iterator, Sequence
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from PIL import Image
+
+from stereo.export import merged_unet
 
 
 @torch.no_grad()
@@ -60,6 +65,55 @@ def _empty_embeds(pipe, count: int) -> torch.Tensor:
     ids = pipe.tokenizer([""] * count, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          return_tensors="pt").input_ids.to(pipe.text_encoder.device)
     return pipe.text_encoder(ids)[0].to(pipe.unet.dtype)
+
+
+def frozen_copy(unet, dtype: torch.dtype, device: torch.device | str):
+    """A frozen plain copy of `unet` (a LoRA adapter folded in) in `dtype` on `device`, for generation.
+
+    A copy, never a cast: the training student keeps its fp32 master weights. Tensors are cast one
+    by one while copying, so no second full-precision UNet exists in between.
+    """
+    plain = merged_unet(unet)
+    cast = {id(t): _cast(t, dtype, device) for t in (*plain.parameters(), *plain.buffers())}
+    return frozen(copy.deepcopy(plain, memo=cast))
+
+
+def frozen(unet):
+    """`unet` itself (a LoRA adapter folded in), frozen and freed of what accelerate attached to it.
+
+    Drops the fp32-output autocast wrapper accelerate puts on a prepared model's forward (which would
+    hand fp32 latents to a half-precision VAE) and accelerate's "already prepared" mark: a student
+    later copied from it (the next STE round's) would otherwise be skipped by `accelerator.prepare`
+    (no autocast, no DDP wrapper).
+    """
+    plain = merged_unet(unet)
+    plain.__dict__.pop("_is_accelerate_prepared", None)
+    return extract_model_from_parallel(plain, keep_fp32_wrapper=False).eval().requires_grad_(False)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    out = tensor.detach().to(device, dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+    return torch.nn.Parameter(out, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else out
+
+
+@contextlib.contextmanager
+def swap_unet(pipe, unet, *, for_generation: bool = True) -> Iterator:
+    """`pipe` running with `unet` in place of its own UNet, which is put back on exit (also on error).
+
+    For generation, a frozen UNet already in the pipeline's dtype and device is used as it is; anything
+    else (a student being trained, an fp32 UNet in a half-precision pipeline) is replaced by a
+    `frozen_copy`, because SD 1.4's fp16/bf16 text encoder and VAE cannot run against fp32 UNet weights
+    or latents. `for_generation=False` (attacks: they never decode latents) uses `unet` as it is, so an
+    fp32 erased UNet is attacked at its own precision.
+    """
+    dtype, device = pipe.vae.dtype, pipe.vae.device
+    ready = unet.dtype == dtype and unet.device == device and not any(p.requires_grad for p in unet.parameters())
+    own = pipe.unet
+    pipe.unet = unet.eval() if ready or not for_generation else frozen_copy(unet, dtype, device)
+    try:
+        yield pipe
+    finally:
+        pipe.unet = own
 
 
 def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:

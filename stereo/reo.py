@@ -24,10 +24,18 @@ log = logging.getLogger(__name__)
 
 
 def concept_anchors(session: Session) -> list[str]:
-    """Anchor prompts of every selected concept: its anchor file, built-in set, cache, or LLM."""
-    n = session.cfg.method.reo.num_anchors
+    """Anchor prompts of every selected concept: its anchor file, built-in set, cache, or LLM.
+
+    Fetched by the main process and given to the others: an LLM asked once per process would give
+    each process a different anchor set (and pay for every request).
+    """
+    return session.from_main_process(lambda: _fetch_anchors(session.cfg))
+
+
+def _fetch_anchors(cfg) -> list[str]:
+    n = cfg.method.reo.num_anchors
     anchors: list[str] = []
-    for key, concept in session.cfg.concepts.items():
+    for key, concept in cfg.concepts.items():
         source = concept.anchors or key
         if Path(source).expanduser().is_file():
             anchors += get_anchors(key, n, source="file", anchors_file=source)
@@ -56,12 +64,12 @@ def run_reo(session: Session, tokens: list[AdversarialToken] | None = None) -> d
                              anchors=session.encode(anchors), eta_a=reo.eta_a, eta_n=reo.eta_n,
                              anchors_per_step=reo.anchors_per_step)
     student, teacher, names = session.make_student()
-    trainer = ErasureTrainer(session.accelerator, student, teacher, session.pipe.scheduler, objective,
-                             session.trainer_settings(steps=reo.steps, lr=reo.lr, desc="reo"),
-                             checkpoint_dir=session.output_dir / "checkpoints", on_log=session.log,
-                             on_sample=session.sampler(session.concept_prompts(), "reo"))
-    result = trainer.run()
-    unet = session.accelerator.unwrap_model(trainer.student).eval()
+    with ErasureTrainer(session.accelerator, student, teacher, session.pipe.scheduler, objective,
+                        session.trainer_settings(steps=reo.steps, lr=reo.lr, desc="reo"),
+                        checkpoint_dir=session.output_dir / "checkpoints", on_log=session.log,
+                        on_sample=session.sampler(session.concept_prompts(), "reo")) as trainer:
+        result = trainer.run()
+        unet = session.accelerator.unwrap_model(trainer.student).eval()
     export_dir = session.export(unet, names, erased=negatives, anchors=len(anchors),
                                 adversarial_tokens=[t.learned.token for t in adversarial],
                                 final_loss=result.losses[-1] if result.losses else None)

@@ -8,7 +8,9 @@ Adversarial training used as a SEARCH for the concept's blind spots. For rounds 
      the concept made by the ORIGINAL model;
   3. keep the learned embedding: it is an "adversarial prompt" that REO will erase.
 The STE-erased UNet is discarded; only the embeddings move on. Every finished round is saved
-(`ste/round_k/done.json` written last) and a re-run resumes after the last finished one.
+(`ste/round_k/done.json` written last) and a re-run resumes after the last finished one: a finished
+round is STE's checkpoint, and a killed round reruns from its start with the same seeds.
+With several processes the gallery is generated and the inversion run data-parallel across them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast
 from safetensors.torch import save_file
 
 from stereo.attacks.gallery import concept_gallery, encode_images
@@ -37,8 +38,7 @@ from stereo.attacks.inversion import (
 from stereo.erasure.session import Session
 from stereo.erasure.subsets import subset_parameter_names
 from stereo.erasure.trainer import ErasureTrainer, ESDObjective
-from stereo.export import merged_unet
-from stereo.generation import generate, image_grid
+from stereo.generation import frozen, generate, image_grid, swap_unet
 from stereo.manifest import write_json_atomic
 from stereo.models.loading import load_unet_weights
 
@@ -90,17 +90,14 @@ def run_ste(session: Session) -> list[AdversarialToken]:
 
 
 def _galleries(session: Session, root: Path) -> dict[str, torch.Tensor]:
-    """VAE latents of each concept's gallery, generated once by the original model (main process)."""
+    """VAE latents of each concept's gallery, generated once by the original model (split across processes)."""
     ste, res = session.cfg.method.ste, session.cfg.model.resolution
     latents = {}
     for key, concept in session.cfg.concepts.items():
-        request = dict(prompts=list(concept.gallery_prompts or concept.prompts), n=ste.gallery_size,
-                       cache_dir=root / key, seed=session.seed, steps=ste.gallery_steps,
-                       guidance=ste.gallery_guidance, resolution=res)
-        if session.accelerator.is_main_process:
-            concept_gallery(session.pipe, **request)
-        session.accelerator.wait_for_everyone()
-        latents[key] = encode_images(session.pipe, concept_gallery(session.pipe, **request))  # cached: loads
+        images = concept_gallery(session.pipe, list(concept.gallery_prompts or concept.prompts), ste.gallery_size,
+                                 root / key, seed=session.seed, steps=ste.gallery_steps,
+                                 guidance=ste.gallery_guidance, resolution=res, accelerator=session.accelerator)
+        latents[key] = encode_images(session.pipe, images)
     return latents
 
 
@@ -114,15 +111,23 @@ def _round_targets(session: Session, found: list[AdversarialToken], k: int) -> l
 
 
 def _erase(session: Session, unet, targets: list[str], k: int):
+    """ESD on `targets`, starting from and taught by `unet`; returns the erased fp32 student, frozen.
+
+    No checkpoints inside a round (see the module docstring); the trainer is closed when the round's
+    erasure ends, so the accelerator never holds more than the one student being trained. The erased
+    UNet stays in fp32 even when the base model is half precision: a round moves weights by less
+    than one bf16 step (2^-8 relative), so a half-precision copy would drop part of the erasure that
+    the round's attack, and the next round, must face.
+    """
     ste = session.cfg.method.ste
     objective = ESDObjective(negatives=session.encode(targets), uncond=session.encode([""])[0], eta=ste.erase_eta)
     student, teacher, _ = session.make_student(init=unet)
-    settings = session.trainer_settings(steps=ste.erase_steps, lr=ste.erase_lr, desc=f"ste{k} erase", resume=False)
-    trainer = ErasureTrainer(session.accelerator, student, teacher, session.pipe.scheduler, objective, settings,
-                             on_log=session.log)
-    trainer.run()
-    erased = merged_unet(session.accelerator.unwrap_model(trainer.student))
-    erased = erased.to(session.accelerator.device, unet.dtype).eval().requires_grad_(False)
+    settings = session.trainer_settings(steps=ste.erase_steps, lr=ste.erase_lr, desc=f"ste{k} erase", resume=False,
+                                        checkpoint_every=0)
+    with ErasureTrainer(session.accelerator, student, teacher, session.pipe.scheduler, objective, settings,
+                        on_log=session.log) as trainer:
+        trainer.run()
+    erased = frozen(trainer.student)  # closed: the plain module, its optimiser state released
     return erased, subset_parameter_names(erased, session.subset)
 
 
@@ -137,25 +142,12 @@ def _attack(session: Session, erased, key: str, k: int, latents: torch.Tensor, r
                                  templates=templates_for(concept.kind, inv.templates or concept.inversion_templates),
                                  method=inv.method, pgd_eps=inv.pgd_eps, seed=session.seed * 1000 + k)
     token = f"<{key}-ste{k}>"
-    session.pipe.unet = erased
-    try:
-        learned = learn_token(session.pipe, latents, token, concept.initializer_token, settings,
-                              progress=session.accelerator.is_local_main_process)
-    finally:
-        session.pipe.unet = session.base_unet
-    # every rank ran the same seeded search; rank 0's result is the one kept everywhere
-    vectors = broadcast(learned.vectors.to(session.accelerator.device).contiguous(), from_process=0).cpu()
-    learned = LearnedToken(token, vectors, learned.losses)
-    _write_rows(session.pipe, token, vectors)
+    # data-parallel over processes: every process ends with the same vectors
+    with swap_unet(session.pipe, erased, for_generation=False) as pipe:
+        learned = learn_token(pipe, latents, token, concept.initializer_token, settings,
+                              progress=session.accelerator.is_local_main_process, accelerator=session.accelerator)
     session.log(0, {f"ste/round{k}/{key}/inversion_loss": learned.losses[-1] if learned.losses else float("nan")})
     return AdversarialToken(key, k, learned, adversarial_prompt(session, key, token), round_dir / f"{key}.safetensors")
-
-
-def _write_rows(pipe, token: str, vectors: torch.Tensor) -> None:
-    ids = pipe.tokenizer.convert_tokens_to_ids([token] + [f"{token}_{i}" for i in range(1, len(vectors))])
-    with torch.no_grad():
-        table = pipe.text_encoder.get_input_embeddings().weight
-        table[ids] = vectors.to(table.device, table.dtype)
 
 
 def _save_round(session, round_dir: Path, erased, trained_names, tokens, targets, before, seconds) -> None:
@@ -186,16 +178,15 @@ def _round_grid(session: Session, round_dir: Path, before, erased, tokens) -> No
         for token in tokens:
             concept_prompt = session.cfg.concepts[token.concept].prompts[0]
             for unet, prompt in ((before, concept_prompt), (erased, concept_prompt), (erased, token.prompt)):
-                session.pipe.unet = unet
-                images += generate(session.pipe, [prompt], [seed], steps=t.sample_steps, guidance=t.sample_guidance,
-                                   height=res, width=res)
-    session.pipe.unet = session.base_unet
+                with swap_unet(session.pipe, unet) as pipe:
+                    images += generate(pipe, [prompt], [seed], steps=t.sample_steps, guidance=t.sample_guidance,
+                                       height=res, width=res)
     image_grid(images, cols=3 * len(tokens)).save(round_dir / "grid.png")
 
 
 def _load_round(session: Session, round_dir: Path, unet):
-    """A finished round: its erased UNet (start UNet + saved tensors) and its tokens."""
-    erased = copy.deepcopy(unet)
+    """A finished round: its erased UNet (start UNet + saved tensors, fp32 as `_erase` keeps it) and its tokens."""
+    erased = copy.deepcopy(unet).float()
     load_unet_weights(erased, round_dir / "unet_delta.safetensors")
     return erased, _load_round_tokens(session, round_dir)
 

@@ -91,3 +91,14 @@ def rehearsal_overrides(folder) -> list[str]:
     checkpointing) is trainer=gpu's own."""
     return ["model=sd14", f"model.pretrained={folder}", "model.resolution=64", "model.dtype=bf16", "trainer=gpu",
             "budget=rehearsal"]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's state is process-wide and fixes mixed precision at first use: a test that runs trainer=gpu
+    (bf16) after one that left an Accelerator behind (trainer=default, evaluation) starts from a clean state."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()

@@ -77,3 +77,17 @@ def test_no_concept_is_an_error():
 def test_unknown_concept_key_in_a_concept_file_is_rejected():
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         compose(["concepts.church.colour=red"])
+
+
+def test_sd14_frozen_parts_default_to_bf16_and_trainer_settings_exist():
+    cfg = compose(["model=sd14", "trainer=gpu"])
+    assert cfg.model.dtype == "bf16"  # fp32's exponent range: attack gradients through the frozen UNet don't underflow
+    assert cfg.trainer.checkpoints_total_limit == 2 and cfg.trainer.dist_timeout_minutes == 60
+    assert compose(["model=sd14", "model.dtype=fp16"]).model.dtype == "fp16"
+    with pytest.raises(ValueError, match="dist_timeout_minutes=0"):
+        validate(compose(["trainer.dist_timeout_minutes=0"]))
+
+
+def test_the_esd_experiment_runs_esd():
+    cfg = compose(["experiment=sd14_nudity_esd"])  # the app's default method is stereo
+    assert (cfg.method.name, cfg.model.kind, list(cfg.concepts), cfg.trainer.steps) == ("esd", "sd14", ["nudity"], 200)

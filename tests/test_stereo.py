@@ -57,8 +57,10 @@ class Killed(Exception):
     pass
 
 
-def test_ste_resumes_after_a_killed_round(fast_cfg, tmp_path, monkeypatch):
-    straight = train(fast_cfg(*TINY_STEREO, "method.stage=ste", f"output_dir={tmp_path / 'a'}"))["tokens"]
+@pytest.mark.parametrize("precision", ["no", "bf16"])  # bf16: each round's student must be prepared (autocast)
+def test_ste_resumes_after_a_killed_round(fast_cfg, tmp_path, monkeypatch, precision):
+    run = (*TINY_STEREO, "method.stage=ste", f"trainer.mixed_precision={precision}")
+    straight = train(fast_cfg(*run, f"output_dir={tmp_path / 'a'}"))["tokens"]
 
     real, calls = inversion.learn_token, {"n": 0}
 
@@ -70,12 +72,12 @@ def test_ste_resumes_after_a_killed_round(fast_cfg, tmp_path, monkeypatch):
     import stereo.ste as ste_module
     monkeypatch.setattr(ste_module, "learn_token", dies_in_round_1)
     with pytest.raises(Killed):
-        train(fast_cfg(*TINY_STEREO, "method.stage=ste", f"output_dir={tmp_path / 'b'}"))
+        train(fast_cfg(*run, f"output_dir={tmp_path / 'b'}"))
     assert (tmp_path / "b" / "ste" / "round_0" / "done.json").is_file()
     assert not (tmp_path / "b" / "ste" / "round_1" / "done.json").exists()
 
     calls["n"] = 10  # from now on the attack works; count how often it runs
-    resumed = train(fast_cfg(*TINY_STEREO, "method.stage=ste", f"output_dir={tmp_path / 'b'}"))["tokens"]
+    resumed = train(fast_cfg(*run, f"output_dir={tmp_path / 'b'}"))["tokens"]
     assert calls["n"] == 11  # only round 1 was attacked again
     for a, b in zip(straight, resumed):
         assert a.learned.token == b.learned.token
@@ -98,3 +100,66 @@ def test_reo_only_and_errors(fast_cfg, tmp_path):
         train(fast_cfg("method=stereo", "method.stage=reo"))
     with pytest.raises(FileNotFoundError, match="no finished STE round"):
         train(fast_cfg("method=stereo", "method.stage=reo", f"method.ste_dir={tmp_path}"))
+
+
+def test_stereo_checkpoints_only_reo_and_a_resumed_reo_equals_the_uninterrupted_one(fast_cfg, tmp_path, monkeypatch):
+    """trainer.checkpoint_every below STE's erase steps: STE erases without checkpoints (a finished round is its
+    checkpoint), REO checkpoints under <run>/checkpoints, and the accelerator holds one trainer's model at a time."""
+    import stereo.ste as ste_module
+    from stereo.erasure.session import Session
+
+    common = [*TINY_STEREO, "method.ste.erase_steps=3", "method.reo.steps=4", "trainer.checkpoint_every=2",
+              "trainer.lr=1e-3", "method.reo.lr=1e-3", "export.formats=[delta]"]
+    held, attack = [], ste_module._attack
+
+    def counting_attack(session, *args, **kwargs):  # runs right after each round's erasure
+        held.append((len(session.accelerator._models), len(session.accelerator._optimizers)))
+        return attack(session, *args, **kwargs)
+    monkeypatch.setattr(ste_module, "_attack", counting_attack)
+    straight = train(fast_cfg(*common, f"output_dir={tmp_path / 'straight'}"))
+    assert held == [(0, 0), (0, 0)]  # each round's trainer was closed: no student or AdamW state left behind
+    monkeypatch.undo()
+
+    def killed_at_reo_step_3(self, step, metrics):
+        if "reo/loss" in metrics and step == 3:
+            raise Killed
+    monkeypatch.setattr(Session, "log", killed_at_reo_step_3)
+    with pytest.raises(Killed):
+        train(fast_cfg(*common, f"output_dir={tmp_path / 'resumed'}"))
+    monkeypatch.undo()
+    checkpoints = sorted((tmp_path / "resumed" / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step_0000002"]  # REO's only; STE wrote none
+    assert not list(checkpoints[0].glob("*_1.*"))  # no second model or optimiser (an STE student) inside
+    resumed = train(fast_cfg(*common, f"output_dir={tmp_path / 'resumed'}", "trainer.resume=true"))
+    assert len(resumed["losses"]) == 2  # REO steps 3 and 4 only
+    for name in straight["trainable"]:
+        torch.testing.assert_close(resumed["unet"].get_parameter(name), straight["unet"].get_parameter(name),
+                                   rtol=0, atol=0, msg=name)
+
+
+def test_ste_rounds_on_the_sd14_rehearsal_in_bf16(sd14_rehearsal_dir, tmp_path, fresh_accelerate_state):
+    """STE on SD 1.4's classes, PNDM scheduler and trainer=gpu settings with bf16 frozen parts: the round grid
+    draws with the erased UNet in the pipeline's dtype (it once cast the prepared student and crashed)."""
+    from tests.conftest import compose, rehearsal_overrides
+
+    out = train(compose(rehearsal_overrides(sd14_rehearsal_dir) + [
+        "method=stereo", "method.stage=ste", "concept=nudity", f"output_dir={tmp_path / 'run'}"]))
+    for k in range(2):
+        round_dir = tmp_path / "run" / "ste" / f"round_{k}"
+        assert (round_dir / "grid.png").is_file() and (round_dir / "done.json").is_file()
+    assert [t.learned.token for t in out["tokens"]] == ["<nudity-ste0>", "<nudity-ste1>"]
+
+
+def test_ste_keeps_the_erased_unet_in_fp32_over_a_bf16_base(sd14_rehearsal_dir, tmp_path, fresh_accelerate_state):
+    """One STE round moves weights by less than a bf16 step: the erased UNet that the round's attack and the
+    next round start from keeps the student's fp32 weights (a bf16 copy would round part of the erasure away)."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import compose, rehearsal_overrides
+
+    train(compose(rehearsal_overrides(sd14_rehearsal_dir) + [
+        "method=stereo", "method.stage=ste", "method.ste.rounds=1", "method.ste.erase_lr=1e-4", "concept=nudity",
+        f"output_dir={tmp_path / 'run'}"]))
+    delta = load_file(tmp_path / "run" / "ste" / "round_0" / "unet_delta.safetensors")
+    assert {t.dtype for t in delta.values()} == {torch.float32}
+    assert any(not torch.equal(t.to(torch.bfloat16).float(), t) for t in delta.values()), "erasure rounded to bf16"

@@ -1,8 +1,10 @@
 """ESD training end to end on the tiny model: what trains, what exports, what resumes."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from stereo.generation import generate
 from stereo.manifest import sha256_file
 from stereo.models.loading import load_pipeline, load_unet_weights
 from stereo.train import train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose, rehearsal_overrides
 
 
 def base_unet(cfg):
@@ -176,3 +178,62 @@ def test_sample_grids_during_training(fast_cfg, tmp_path):
     train(fast_cfg("trainer.steps=2", "trainer.sample_every=1", "export.formats=[delta]"))
     samples = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
     assert samples == ["esd.png", "esd_step0000001.png", "esd_step0000002.png"]
+
+
+def test_two_processes_share_rank_0s_output_folder_and_anchors(tmp_path):
+    """`${now:...}` resolves per process, and an LLM answers each request differently: rank 0's result is used."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "scripts" / "two_rank_session.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reports[0]["num_processes"] == 2
+    assert reports[0]["output_dir"] == reports[1]["output_dir"] == reports[1]["config_output_dir"]
+    assert [p.name for p in tmp_path.glob("run_*")] == [Path(reports[0]["output_dir"]).name]
+    assert reports[0]["anchors"] == reports[1]["anchors"] == ["a quiet village street seen by process 0"]
+
+
+def test_accelerator_buckets_gradients_as_views_and_waits_the_configured_time(fast_cfg):
+    from datetime import timedelta
+
+    from accelerate.state import AcceleratorState
+
+    from stereo.erasure.session import make_accelerator
+
+    accelerator = make_accelerator(fast_cfg("trainer.dist_timeout_minutes=25"))
+    AcceleratorState._reset_state()  # as Session.close does: later tests choose their own mixed precision
+    assert accelerator.ddp_handler.gradient_as_bucket_view
+    assert accelerator.init_handler.timeout == timedelta(minutes=25)
+
+
+def test_sd14_samples_and_export_all_keep_the_student_and_shared_pipeline(sd14_rehearsal_dir, tmp_path,
+                                                                          fresh_accelerate_state):
+    """SD 1.4's bf16 pipeline, trainer=gpu: the sample grid draws from a frozen copy of the fp32 student in the
+    pipeline's dtype, and export=all saves the pipeline from where it is (it once moved it to the CPU for good)."""
+    from stereo.erasure.session import Session
+    from stereo.esd import run_esd
+
+    cfg = compose(rehearsal_overrides(sd14_rehearsal_dir) + ["method=esd", "concept=nudity", "export=all",
+                                                              f"output_dir={tmp_path / 'run'}"])
+    session = Session(cfg)
+    moves = []
+    to = session.pipe.to
+    session.pipe.to = lambda *args, **kwargs: moves.append((args, kwargs)) or to(*args, **kwargs)
+    out = run_esd(session)
+    session.close()
+    assert moves == [] and session.pipe.unet is session.base_unet
+    assert {m.dtype for m in (session.pipe.unet, session.pipe.vae, session.pipe.text_encoder)} == {torch.bfloat16}
+    assert out["samples"].is_file()
+    assert out["unet"].dtype == torch.float32 and all(out["unet"].get_parameter(n).requires_grad
+                                                       for n in out["trainable"])
+    exported = StableDiffusionPipeline.from_pretrained(out["export_dir"] / "pipeline", local_files_only=True)
+    assert exported(["nudity"], num_inference_steps=2, height=64, width=64, output_type="np").images.shape == (
+        1, 64, 64, 3)
+
+
+def test_runs_in_one_process_may_choose_different_mixed_precision(fast_cfg):
+    """A --multirun sweep (or a notebook) runs jobs in one process; accelerate fixes mixed precision at first use."""
+    train(fast_cfg("trainer.steps=1", "export.formats=[delta]"))
+    out = train(fast_cfg("trainer.steps=1", "export.formats=[delta]", "trainer.mixed_precision=bf16"))
+    assert len(out["losses"]) == 1

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import copy
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    set_seed,
+)
 from omegaconf import OmegaConf
 
 from stereo.attacks.inversion import encode_prompts
@@ -17,9 +24,9 @@ from stereo.config import erased_subset, to_container
 from stereo.erasure.subsets import add_lora, select_trainable
 from stereo.erasure.trainer import TrainerSettings
 from stereo.export import export_erased
-from stereo.generation import generate, image_grid
+from stereo.generation import generate, image_grid, swap_unet
 from stereo.manifest import build_manifest, write_json_atomic
-from stereo.models.loading import load_pipeline, torch_dtype
+from stereo.models.loading import load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +36,10 @@ class Session:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.output_dir = Path(cfg.output_dir)
         self.seed = cfg.seed
         set_seed(cfg.seed)
-        cpu = cfg.trainer.cpu or cfg.model.device == "cpu" or not torch.cuda.is_available()
-        self.accelerator = Accelerator(
-            mixed_precision=cfg.trainer.mixed_precision, cpu=cpu,
-            log_with="wandb" if cfg.logger.name == "wandb" else None, project_dir=str(self.output_dir),
-        )
+        self.accelerator = make_accelerator(cfg)
+        self.output_dir = self._shared_output_dir()
         self.config = to_container(cfg)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -52,6 +55,31 @@ class Session:
         self.base_unet = self.pipe.unet
         self.subset = erased_subset(cfg)
         self._log_step = 0
+
+    def _shared_output_dir(self) -> Path:
+        """Rank 0's output folder, for every rank: `${now:...}` in output_dir resolves once per process,
+        and processes that start a second apart would otherwise write to different folders."""
+        self.cfg.output_dir = broadcast_object_list([str(self.cfg.output_dir)])[0]
+        return Path(self.cfg.output_dir)
+
+    def from_main_process(self, fetch):
+        """`fetch()` run by the main process alone and its result given to every process.
+
+        For what must be the same everywhere but may differ per call (an LLM's reply). A failure on
+        the main process is raised on every process, so none waits for a result that never comes.
+        """
+        result = error = None
+        if self.accelerator.is_main_process:
+            try:
+                result = fetch()
+            except Exception as err:
+                error = err
+        result, failure = broadcast_object_list([result, None if error is None else f"{type(error).__name__}: {error}"])
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise RuntimeError(f"the main process failed, so this one stops too: {failure}")
+        return result
 
     # -- text ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -80,13 +108,14 @@ class Session:
         return student, teacher, names
 
     def trainer_settings(self, steps: int | None = None, lr: float | None = None, desc: str = "erase",
-                         resume: bool | None = None) -> TrainerSettings:
+                         resume: bool | None = None, checkpoint_every: int | None = None) -> TrainerSettings:
         t, m = self.cfg.trainer, self.cfg.method
         return TrainerSettings(
             steps=steps if steps is not None else t.steps, lr=lr if lr is not None else t.lr,
             batch_size=t.batch_size, grad_accum=t.grad_accum, weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm, gradient_checkpointing=t.gradient_checkpointing,
-            checkpoint_every=t.checkpoint_every, resume=t.resume if resume is None else resume,
+            checkpoint_every=t.checkpoint_every if checkpoint_every is None else checkpoint_every,
+            checkpoints_total_limit=t.checkpoints_total_limit, resume=t.resume if resume is None else resume,
             log_every=t.log_every, sample_every=t.sample_every, ddim_steps=m.ddim_steps,
             sample_guidance=m.sample_guidance,
             latent_size=self.cfg.model.resolution // self.pipe.vae_scale_factor, seed=self.seed, desc=desc,
@@ -116,15 +145,11 @@ class Session:
         t = self.cfg.trainer
         cols = [(p, s) for p in prompts for s in seeds]
         images = []
-        was_training = unet.training
-        unet.eval()
-        for model in (self.base_unet, unet):
-            self.pipe.unet = model
-            images += generate(self.pipe, [p for p, _ in cols], [s for _, s in cols], steps=t.sample_steps,
-                               guidance=t.sample_guidance, height=self.cfg.model.resolution,
-                               width=self.cfg.model.resolution)
-        self.pipe.unet = self.base_unet
-        unet.train(was_training)
+        for model in (self.base_unet, unet):  # the student is generated from as a frozen copy
+            with swap_unet(self.pipe, model) as pipe:
+                images += generate(pipe, [p for p, _ in cols], [s for _, s in cols], steps=t.sample_steps,
+                                   guidance=t.sample_guidance, height=self.cfg.model.resolution,
+                                   width=self.cfg.model.resolution)
         path = self.output_dir / "samples" / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid = image_grid(images, cols=len(cols))
@@ -142,13 +167,27 @@ class Session:
             return None
         manifest = build_manifest(self.config, self.seed, subset=self.subset,
                                   lora=bool(self.cfg.method.lora.enabled), **extra)
-        pipe = self.pipe if "pipeline" in self.cfg.export.formats else None
-        if pipe is not None:
-            pipe.to("cpu", torch_dtype(self.cfg.model.dtype))
+        pipe = self.pipe if "pipeline" in self.cfg.export.formats else None  # saved from where it is
         path = export_erased(self.output_dir / name, unet, trainable_names, list(self.cfg.export.formats),
                              manifest, pipe=pipe)
         log.info("exported %s to %s", ", ".join(self.cfg.export.formats), path)
         return path
 
     def close(self) -> None:
+        """End the trackers and release accelerate's process-wide state (it fixes mixed precision at first
+        use), so the next run in this process (a --multirun sweep, a notebook, a test) may choose its own."""
         self.accelerator.end_training()
+        AcceleratorState._reset_state()
+
+
+def make_accelerator(cfg) -> Accelerator:
+    """The run's Accelerator. DDP gradient buckets are views of the gradients (one copy less of the trained
+    subset per GPU), and collectives wait `trainer.dist_timeout_minutes` (main-process-only phases such as
+    writing checkpoints and exports of SD 1.4 can outlast NCCL's 10-minute default)."""
+    t = cfg.trainer
+    cpu = t.cpu or cfg.model.device == "cpu" or not torch.cuda.is_available()
+    return Accelerator(
+        mixed_precision=t.mixed_precision, cpu=cpu, log_with="wandb" if cfg.logger.name == "wandb" else None,
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                         InitProcessGroupKwargs(timeout=timedelta(minutes=t.dist_timeout_minutes))],
+    )
