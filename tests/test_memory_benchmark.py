@@ -1,0 +1,150 @@
+"""benchmarks/memory.py: the traced peak-memory estimate behind issue 11's memory bars.
+
+The tracker must count a known tensor program exactly; the CUDA emulation must allocate what
+CUDA's autocast and fused attention allocate; on the tiny model the parameter, gradient and AdamW
+bytes must equal their formulas, and the orderings the fixes rely on must hold (foreach AdamW >
+fused by exactly one fp32 copy of the trainable parameters; DDP buckets as copies > as views).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import memory  # noqa: E402
+import memtrace  # noqa: E402
+
+from stereo.erasure.subsets import subset_parameter_names  # noqa: E402
+from stereo.models.tiny import tiny_unet  # noqa: E402
+
+
+def test_tracker_counts_a_known_program_exactly():
+    tracker = memtrace.MemoryTracker(block=1)
+    with torch.device("meta"), tracker:
+        a = torch.empty(1000)  # 4000 bytes
+        b = a * 2  # +4000
+        view = b[:10]  # a view: no new storage
+        assert (tracker.live, tracker.peak) == (8000, 8000)
+        del b
+        assert tracker.live == 8000  # the view keeps b's storage alive
+        del view
+        assert tracker.live == 4000
+        with tracker.section("half"):
+            c = a.to(torch.bfloat16)  # 2000
+            d = c + 1  # 2000
+            del c, d
+        assert tracker.sections["half"].start == 4000 and tracker.sections["half"].peak == 8000
+        assert tracker.live == 4000 and tracker.peak == 8000
+        e = torch.empty(3)  # 12 bytes, rounded to one 512-byte block by the CUDA allocator's rule
+    assert memtrace.round_up(12) == 512 and memtrace.round_up(513) == 1024
+    assert tracker.bytes_at(tracker.peak_clock, [a, e]) == 4000  # e did not exist at the peak
+
+
+def test_tracker_ignores_host_tensors():
+    tracker = memtrace.MemoryTracker(block=1)
+    with torch.device("meta"), tracker:
+        torch.empty(10, device="cpu")
+        kept = torch.empty(10)
+    assert tracker.live == 40 and kept.device.type == "meta"
+
+
+def test_cuda_autocast_lists_and_weight_cache():
+    cuda = memtrace.CudaSemantics()
+    weight = torch.nn.Parameter(torch.empty(8, 8, device="meta"))
+    frozen = torch.empty(8, 8, device="meta")
+    x = torch.empty(2, 8, device="meta")
+    with cuda, cuda.autocast():
+        y = F.linear(x, weight)
+        assert y.dtype == torch.bfloat16  # matmuls in bf16
+        assert F.group_norm(torch.empty(2, 8, 4, 4, device="meta", dtype=torch.bfloat16), 2).dtype == torch.float32
+        assert F.layer_norm(y, (8,)).dtype == torch.float32  # norms in fp32 on CUDA (not on CPU autocast)
+        assert len(cuda._cache) == 1  # the trainable leaf's bf16 cast is cached for the region
+        F.linear(x, frozen)
+        assert len(cuda._cache) == 1  # a frozen weight is cast on every use, never cached
+    assert cuda._cache is None
+    with cuda:
+        assert F.linear(x, weight).dtype == torch.float32  # outside autocast nothing is cast
+
+
+def test_fused_attention_never_materialises_the_score_matrix():
+    tracker, cuda = memtrace.MemoryTracker(block=1), memtrace.CudaSemantics()
+    length, dim = 4096, 40
+    with torch.device("meta"), tracker, cuda:
+        q = torch.empty(1, 1, length, dim, dtype=torch.bfloat16, requires_grad=True)
+        out = F.scaled_dot_product_attention(q, q, q)
+        qkv = length * dim * 2
+        assert tracker.live - qkv == qkv + length * 4  # output + fp32 log-sum-exp
+        out.sum().backward()
+    assert tracker.peak < length * length * 2  # an L x L bf16 matrix alone would be larger
+    assert out.shape == q.shape and q.grad.shape == q.shape
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    setup = memory.read_setup("tiny")
+    return setup, memory.trace_erasure(setup, conditions=2)
+
+
+def _bytes(numels, element_size):
+    return sum(memtrace.round_up(n * element_size) for n in numels)
+
+
+def test_weights_grads_and_adamw_bytes_match_their_formulas(tiny):
+    setup, (sections, resident, trainable) = tiny
+    unet = tiny_unet()
+    names = set(subset_parameter_names(unet, setup.subset))
+    trainable_numels = [p.numel() for n, p in unet.named_parameters() if n in names]
+    assert setup.subset == "noxattn" and trainable == _bytes(trainable_numels, 4)
+    assert resident["student UNet (fp32)"] == _bytes([p.numel() for p in unet.parameters()], 4)
+    assert resident["base UNet"] == _bytes([p.numel() for p in unet.parameters()], 2)  # model.dtype bf16
+    step = sections[memory.OPT_SECTIONS["fused"]]
+    steps_bytes = len(trainable_numels) * memtrace.CUDA_BLOCK  # fused AdamW: one fp32 device scalar each
+    assert step.optimizer == 2 * trainable + steps_bytes  # exp_avg + exp_avg_sq in fp32
+    assert step.grads == trainable
+    assert step.weights == sum(resident.values())
+
+
+def test_foreach_adamw_needs_one_fp32_copy_of_the_trainable_parameters_more(tiny):
+    _, (sections, _, trainable) = tiny
+    fused, foreach = sections[memory.OPT_SECTIONS["fused"]], sections[memory.OPT_SECTIONS["foreach"]]
+    assert foreach.total - fused.total == trainable  # torch._foreach_sqrt(exp_avg_sqs); fused works in place
+
+
+def test_ddp_buckets_as_copies_cost_more_than_views(tiny):
+    setup, esd = tiny
+    view = memory._ddp_step(setup, esd, "view")[0]
+    copy = memory._ddp_step(setup, esd, "copy")[0]
+    unet = tiny_unet()
+    names = set(subset_parameter_names(unet, setup.subset))
+    grads = sum(p.numel() * 4 for n, p in unet.named_parameters() if n in names)  # fp32, unrounded
+    peak = lambda sections: max(b.total for k, b in sections.items() if k != memory.OPT_SECTIONS["foreach"])  # noqa: E731
+    assert peak(copy) > peak(view) >= peak(esd[0])
+    assert copy["student forward+backward"].buckets == view["student forward+backward"].buckets
+    assert grads <= view["student forward+backward"].buckets < grads + memtrace.CUDA_BLOCK * 4  # 25 MiB buckets
+    assert view["student forward+backward"].grads == 0  # with views the grads are the buckets
+
+
+def test_phase_with_resident_is_a_constant_offset_and_bars_are_judged(tiny):
+    _, esd = tiny
+    phase = memory._erasure_phase("ESD-u, 1 GPU", esd, "fused", bar=18.0)
+    bigger = phase.with_resident("kept UNet", weights=1000, optimizer=24)
+    assert bigger.peak.total == phase.peak.total + 1024 and bigger.peak_section == phase.peak_section
+    assert phase.met and not memory.Phase("x", phase.sections, {}, bar_gib=1e-9).met
+    row = memory.estimates_json([bigger], memory.read_setup("tiny"))["phases"]["ESD-u, 1 GPU"]
+    assert row["peak_bytes"] == bigger.peak.total and row["bar_gib"] == 18.0 and row["met"] is True
+    assert memory.OPT_SECTIONS["foreach"] not in row["sections"]  # the fused row ignores the foreach step
+
+
+@pytest.mark.slow
+def test_cli_writes_every_phase_as_json(tmp_path):
+    out = tmp_path / "estimate.json"
+    assert memory.main(["--model", "tiny", "--no-write", "--json", str(out)]) == 0
+    phases = json.loads(out.read_text())["phases"]
+    assert {"ESD-u, 1 GPU", "STE round 1 erase", "evaluation: generation"} <= set(phases)
+    assert all(p["peak_gib"] > 0 for p in phases.values())
