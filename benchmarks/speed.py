@@ -45,7 +45,7 @@ import torch
 from accelerate import Accelerator
 
 from stereo.attacks.inversion import InversionSettings, learn_token
-from stereo.erasure.sampling import draw_stop_steps
+from stereo.erasure.sampling import ddim_scheduler, draw_stop_steps
 from stereo.erasure.subsets import select_trainable
 from stereo.erasure.trainer import ErasureTrainer, ESDObjective, REOObjective, TrainerSettings
 from stereo.generation import generate
@@ -105,7 +105,7 @@ def maybe_compile(unet, s: Settings):
 def reference_erase_step(scheduler, teacher, student, opt, conds, ddim_steps, latent, gen, reo):
     """One step of the reference scripts: batch 1, a UNet call per prompt everywhere."""
     negative, anchor = conds["negatives"][:1], conds["anchors"][:1]
-    scheduler = copy.deepcopy(scheduler)
+    scheduler = ddim_scheduler(scheduler)  # the x_t chain is DDIM whatever the model ships (SD 1.4: PNDM)
     scheduler.set_timesteps(ddim_steps)
     stop = int(draw_stop_steps(1, ddim_steps, gen)[0])
     x = torch.randn((1, 4, latent, latent), generator=gen).to(negative.device)
@@ -187,9 +187,10 @@ def ours_erase(pipe, work: Workload, s: Settings, reo: bool) -> Timing:
     settings = TrainerSettings(steps=s.steps + 1, lr=1e-5, batch_size=s.batch, ddim_steps=s.ddim_steps,
                                gradient_checkpointing=s.gc, latent_size=work.latent_size, desc="ours")
     stamps = []
-    trainer = ErasureTrainer(acc, maybe_compile(student, s), pipe.unet, pipe.scheduler, objective, settings,
-                             on_log=lambda step, m: (harness.sync(acc.device), stamps.append(time.perf_counter())))
-    trainer.run()
+    stamp = lambda step, metrics: (harness.sync(acc.device), stamps.append(time.perf_counter()))  # noqa: E731
+    with ErasureTrainer(acc, maybe_compile(student, s), pipe.unet, pipe.scheduler, objective, settings,
+                        on_log=stamp) as trainer:
+        trainer.run()
     seconds = (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # the first step is the warm-up
     return Timing(seconds, s.batch * acc.num_processes)
 
