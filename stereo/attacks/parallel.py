@@ -1,4 +1,4 @@
-"""Several processes sharing one attack's work: who does which share, and averaging across them.
+"""Several processes sharing one job's work: who does which share, averaging, agreeing on a value.
 
 `accelerator` is an `accelerate.Accelerator` or `PartialState` (both say `process_index`,
 `num_processes`, `is_main_process` and can `wait_for_everyone`), or None for one process.
@@ -55,3 +55,12 @@ def all_gather(item, accelerator) -> list:
     gathered = [None] * world
     dist.all_gather_object(gathered, item)
     return gathered
+
+
+def main_process_value(value):
+    """The main process's `value` on every process (any picklable object). For what each process computes on
+    its own but must agree on: `${now:...}` in an output folder resolves once per process, and processes that
+    start a second apart would otherwise write to different folders."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]

@@ -20,6 +20,7 @@ from accelerate.utils import (
 from omegaconf import OmegaConf
 
 from stereo.attacks.inversion import encode_prompts
+from stereo.attacks.parallel import main_process_value
 from stereo.config import erased_subset, to_container
 from stereo.erasure.subsets import add_lora, select_trainable
 from stereo.erasure.trainer import TrainerSettings
@@ -57,9 +58,8 @@ class Session:
         self._log_step = 0
 
     def _shared_output_dir(self) -> Path:
-        """Rank 0's output folder, for every rank: `${now:...}` in output_dir resolves once per process,
-        and processes that start a second apart would otherwise write to different folders."""
-        self.cfg.output_dir = broadcast_object_list([str(self.cfg.output_dir)])[0]
+        """Rank 0's output folder, for every rank (`main_process_value`)."""
+        self.cfg.output_dir = main_process_value(str(self.cfg.output_dir))
         return Path(self.cfg.output_dir)
 
     def from_main_process(self, fetch):

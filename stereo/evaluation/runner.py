@@ -40,6 +40,7 @@ from stereo.attacks.base import (
     render,
     write_attacked,
 )
+from stereo.attacks.parallel import main_process_value
 from stereo.evaluation.config import evaluated_models, validate_eval
 from stereo.evaluation.detectors import build_detector
 from stereo.evaluation.prompts import load_prompt_set
@@ -214,9 +215,10 @@ class Evaluation:
 
         validate_eval(cfg)
         self.cfg = cfg
-        self.out = Path(cfg.output_dir)
         timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))
         self.accelerator = Accelerator(cpu=cfg.cpu, kwargs_handlers=[timeout])
+        cfg.output_dir = main_process_value(str(cfg.output_dir))  # one folder for every process
+        self.out = Path(cfg.output_dir)
         self.concept = the_concept(cfg)
         self.prompts, self.prompt_source = eval_prompts(cfg, self.concept)
         settings = _container(cfg.detector or self.concept.detector)
