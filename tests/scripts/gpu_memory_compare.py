@@ -1,0 +1,85 @@
+"""Measured peak CUDA memory per phase beside benchmarks/memory.py's estimate (run by scripts/gpu_check.sh).
+
+    python tests/scripts/gpu_memory_compare.py MEASURED.json ESTIMATE.json --out STEM
+
+MEASURED: gpu_phase_memory.py's result (phase label -> peak_gib). ESTIMATE: `benchmarks/memory.py
+--json PATH` (phase name -> peak_gib, bar_gib). Each measured phase is paired with the estimate of
+the same phase after the fixes (not the "— before" rows); writes <out>.md and <out>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ATTACKS = {"concept_inversion": "concept inversion", "soft_prompt": "soft prompt", "unlearndiffatk": "UnlearnDiffAtk",
+           "ring_a_bell": "Ring-A-Bell"}  # evaluate.py's attack names -> benchmarks/memory.py's row names
+
+
+def estimate_name(label: str, names: list[str]) -> str | None:
+    """The estimate row for a measured phase label (gpu_phase_memory.py's labels), or None."""
+    after = [n for n in names if "before" not in n]
+    if label.startswith("attack: "):
+        return next((n for n in after if n == f"evaluation attack: {ATTACKS.get(label[8:], label[8:])}"), None)
+    patterns = [
+        (r"train: erase$", r"ESD-u, 1 GPU$"),
+        (r"train: ste(\d+) erase$", r"STE round {0} erase$"),
+        (r"inversion: <.*-ste(\d+)>$", r"STE round {0} attack"),
+        (r"train: reo$", r"REO after"),
+        (r"(samples|generation): ", r"evaluation: generation$"),
+    ]
+    for measured, estimated in patterns:
+        match = re.match(measured, label)
+        if match:
+            wanted = re.compile(estimated.format(*match.groups()))
+            return next((n for n in after if wanted.match(n)), None)
+    return None
+
+
+def compare(measured: dict, estimate: dict) -> list[dict]:
+    names = list(estimate["phases"])
+    rows = []
+    for label, phase in measured["phases"].items():
+        name = estimate_name(label, names)
+        est = estimate["phases"][name] if name else None
+        peak = phase["peak_gib"]
+        rows.append({"phase": label, "measured_gib": peak, "estimate": name,
+                     "estimate_gib": est["peak_gib"] if est else None,
+                     "ratio": peak / est["peak_gib"] if est and est["peak_gib"] else None,
+                     "bar_gib": est.get("bar_gib") if est else None,
+                     "within_bar": (peak <= est["bar_gib"]) if est and est.get("bar_gib") else None})
+    return rows
+
+
+def to_markdown(rows: list[dict], measured: dict) -> str:
+    fmt = lambda v, spec=".2f": "–" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"# Peak CUDA memory: measured vs estimated ({measured['setting']})", "",
+             f"Measured on {measured['device']}, torch {measured['torch']} (`{measured['command']}`); estimate: "
+             "benchmarks/memory.py (meta-tensor trace, no CUDA context). GiB = 2^30 bytes.", "",
+             "| phase (measured) | measured GiB | estimate row | estimate GiB | measured / estimate | bar GiB "
+             "| within bar |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        within = "–" if r["within_bar"] is None else ("yes" if r["within_bar"] else "**no**")
+        lines.append(f"| {r['phase']} | {fmt(r['measured_gib'])} | {r['estimate'] or '–'} | "
+                     f"{fmt(r['estimate_gib'])} | {fmt(r['ratio'])} | {fmt(r['bar_gib'], 'g')} | {within} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("measured", type=Path)
+    parser.add_argument("estimate", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="output stem: <out>.md and <out>.json")
+    args = parser.parse_args(argv)
+    measured = json.loads(args.measured.read_text())
+    rows = compare(measured, json.loads(args.estimate.read_text()))
+    args.out.with_suffix(".json").write_text(json.dumps({"measured": str(args.measured), "rows": rows}, indent=2))
+    markdown = to_markdown(rows, measured)
+    args.out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
