@@ -46,7 +46,7 @@ from memtrace import GIB, CudaSemantics, MemoryTracker, meta_module, module_tens
 from omegaconf import OmegaConf
 from torch.optim.adam import adam
 
-from stereo.attacks.unlearndiffatk import project_to_simplex
+from stereo.attacks.unlearndiffatk import project_to_simplex, soft_prefix
 from stereo.config import CONF_DIR, compose, erased_subset
 from stereo.erasure.subsets import select_trainable
 from stereo.evaluation.config import EvalGenerationConfig
@@ -446,7 +446,7 @@ def trace_unlearndiffatk(setup: Setup) -> tuple[dict, dict]:
             x_t = gallery[:p] * 0.5 + noise * 0.5
             with tr.cuda.autocast():
                 prefix = weights @ table  # (P, k, D)
-                with _prefix(text_encoder, prefix):
+                with soft_prefix(text_encoder, prefix):
                     cond = text_encoder(ids)[0]
                 eps = unet(x_t.to(setup.frozen), _timesteps(p), encoder_hidden_states=cond.to(setup.frozen)).sample
             loss = F.mse_loss(eps.float(), noise.float())
@@ -458,20 +458,6 @@ def trace_unlearndiffatk(setup: Setup) -> tuple[dict, dict]:
                 weights.copy_(project_to_simplex(weights))
             del table
         return {"attack step": tr.breakdown("attack step")}, dict(tr.resident)
-
-
-@contextlib.contextmanager
-def _prefix(text_encoder, prefix: torch.Tensor):
-    k = prefix.shape[1]
-
-    def hook(module, inputs, output):
-        return torch.cat([output[:, :1], prefix.to(output.dtype), output[:, 1 + k:]], dim=1)
-
-    handle = text_encoder.get_input_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def trace_ring_a_bell(setup: Setup, encode_batch: int = 256) -> tuple[dict, dict]:
