@@ -35,6 +35,7 @@ from stereo.attacks.inversion import (
     save_token,
     templates_for,
 )
+from stereo.attacks.parallel import main_process_value
 from stereo.erasure.session import Session
 from stereo.erasure.subsets import subset_parameter_names
 from stereo.erasure.trainer import ErasureTrainer, ESDObjective
@@ -71,7 +72,7 @@ def run_ste(session: Session) -> list[AdversarialToken]:
     unet, found = session.base_unet, []
     for k in range(ste.rounds):
         round_dir = root / f"round_{k}"
-        if (round_dir / DONE).is_file():
+        if main_process_value((round_dir / DONE).is_file()):  # one answer: the branches differ in collectives
             unet, tokens = _load_round(session, round_dir, unet)
             found += tokens
             log.info("STE round %d already finished; loaded %s", k, ", ".join(t.learned.token for t in tokens))
@@ -171,17 +172,19 @@ def _save_round(session, round_dir: Path, erased, trained_names, tokens, targets
 
 def _round_grid(session: Session, round_dir: Path, before, erased, tokens) -> None:
     """Columns: concept prompt before the round, concept prompt after, adversarial prompt after; rows: seeds."""
-    t = session.cfg.trainer
-    res = session.cfg.model.resolution
-    images = []
-    for seed in (0, 1):
-        for token in tokens:
-            concept_prompt = session.cfg.concepts[token.concept].prompts[0]
-            for unet, prompt in ((before, concept_prompt), (erased, concept_prompt), (erased, token.prompt)):
-                with swap_unet(session.pipe, unet) as pipe:
-                    images += generate(pipe, [prompt], [seed], steps=t.sample_steps, guidance=t.sample_guidance,
-                                       height=res, width=res)
-    image_grid(images, cols=3 * len(tokens)).save(round_dir / "grid.png")
+    t, res, seeds = session.cfg.trainer, session.cfg.model.resolution, (0, 1)
+    columns = [(unet, prompt) for token in tokens
+               for unet, prompt in ((before, session.cfg.concepts[token.concept].prompts[0]),
+                                    (erased, session.cfg.concepts[token.concept].prompts[0]), (erased, token.prompt))]
+    images = {}
+    for unet in (before, erased):  # one swap (and at most one half-precision copy) per UNet
+        wanted = [(c, seed) for c, (u, _) in enumerate(columns) if u is unet for seed in seeds]
+        with swap_unet(session.pipe, unet) as pipe:
+            drawn = generate(pipe, [columns[c][1] for c, _ in wanted], [seed for _, seed in wanted],
+                             steps=t.sample_steps, guidance=t.sample_guidance, height=res, width=res)
+        images.update(zip(wanted, drawn))
+    grid = [images[c, seed] for seed in seeds for c in range(len(columns))]
+    image_grid(grid, cols=len(columns)).save(round_dir / "grid.png")
 
 
 def _load_round(session: Session, round_dir: Path, unet):
