@@ -163,3 +163,37 @@ def test_ste_keeps_the_erased_unet_in_fp32_over_a_bf16_base(sd14_rehearsal_dir, 
     delta = load_file(tmp_path / "run" / "ste" / "round_0" / "unet_delta.safetensors")
     assert {t.dtype for t in delta.values()} == {torch.float32}
     assert any(not torch.equal(t.to(torch.bfloat16).float(), t) for t in delta.values()), "erasure rounded to bf16"
+
+
+def test_ste_attacks_the_model_it_just_erased(fast_cfg, tmp_path):
+    """STE's defining step: each round's concept inversion runs against the UNet that round erased, not the
+    base. Redo round 0's inversion by hand (same gallery, settings and seed) against base + the round's saved
+    tensors: it reproduces STE's token exactly; against the base UNet it gives another token."""
+    import copy
+
+    from PIL import Image
+
+    from stereo.attacks.gallery import encode_images
+    from stereo.models.loading import load_pipeline, load_unet_weights
+
+    cfg = fast_cfg(*TINY_STEREO, "method.stage=ste", "method.ste.rounds=1", "method.ste.erase_steps=3",
+                   "method.ste.erase_lr=1e-2", "method.ste.inversion.steps=3")
+    token = train(cfg)["tokens"][0].learned
+    round_dir = tmp_path / "run" / "ste" / "round_0"
+    gallery = sorted((tmp_path / "run" / "ste" / "gallery" / "circle").glob("*.png"))
+    concept, inv = cfg.concepts.circle, cfg.method.ste.inversion
+    settings = inversion.InversionSettings(
+        steps=inv.steps, lr=inv.lr, batch_size=inv.batch_size, num_vectors=inv.num_vectors, method=inv.method,
+        templates=inversion.templates_for(concept.kind, inv.templates or concept.inversion_templates), seed=0)
+
+    def invert(erased: bool) -> torch.Tensor:
+        pipe = load_pipeline(cfg.model)
+        if erased:
+            pipe.unet = copy.deepcopy(pipe.unet).float()
+            load_unet_weights(pipe.unet, round_dir / "unet_delta.safetensors")
+        latents = encode_images(pipe, [Image.open(p).convert("RGB") for p in gallery])
+        return inversion.learn_token(pipe, latents, token.token, concept.initializer_token, settings,
+                                     progress=False).vectors
+
+    assert torch.equal(invert(erased=True), token.vectors)
+    assert not torch.equal(invert(erased=False), token.vectors)
