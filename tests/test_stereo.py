@@ -197,3 +197,13 @@ def test_ste_attacks_the_model_it_just_erased(fast_cfg, tmp_path):
 
     assert torch.equal(invert(erased=True), token.vectors)
     assert not torch.equal(invert(erased=False), token.vectors)
+
+
+@pytest.mark.parametrize("erase_all_found", [True, False])
+def test_later_rounds_erase_every_token_found_or_only_the_latest(fast_cfg, tmp_path, erase_all_found):
+    """`method.ste.erase_all_found`: round k erases all tokens of rounds < k (ours) or only round k-1's (reference)."""
+    train(fast_cfg(*TINY_STEREO, "method.stage=ste", "method.ste.rounds=3",
+                   f"method.ste.erase_all_found={str(erase_all_found).lower()}"))
+    erased = json.loads((tmp_path / "run" / "ste" / "round_2" / "done.json").read_text())["erased"]
+    latest = ["a photo of a <circle-ste1>"]
+    assert erased == (["a photo of a <circle-ste0>"] + latest if erase_all_found else latest)
