@@ -92,14 +92,15 @@ def test_gpu_check_script_dry_run_lists_every_step():
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     steps = {line.split()[0]: int(line.split()[2].rstrip("s")) for line in proc.stdout.splitlines()}
-    assert list(steps) == ["environment", "pytest_gpu", "phase_memory", "memory_estimate", "speed_bf16_gc",
-                           "speed_compile"]
-    assert sum(steps.values()) <= 8 * 60
+    assert list(steps) == ["environment", "pytest_rehearsal", "pytest_sd14_512", "phase_memory", "memory_estimate",
+                           "speed_bf16_gc", "speed_compile"]
+    assert sum(steps.values()) <= 470  # within 8 minutes, with time left for the summary and the copy
 
 
-def test_measured_phases_pair_with_the_memory_estimate():
-    """gpu_memory_compare.py pairs gpu_phase_memory.py's labels with benchmarks/memory.py's rows (after the fixes)."""
-    from tests.scripts.gpu_memory_compare import estimate_name
+def test_measured_phases_pair_with_the_memory_estimate(tmp_path):
+    """gpu_memory_compare.py pairs gpu_phase_memory.py's labels with benchmarks/memory.py's rows (after the fixes),
+    lists the planned phases a cut-short run did not measure, and refuses another run's measurement."""
+    from tests.scripts.gpu_memory_compare import estimate_name, main, missing_rows
 
     names = ["ESD-u, 1 GPU", "ESD-u, 1 GPU — before: foreach AdamW", "STE round 1 erase",
              "STE round 1 erase — before: earlier rounds kept, foreach", "STE round 1 attack (concept inversion)",
@@ -111,3 +112,19 @@ def test_measured_phases_pair_with_the_memory_estimate():
     assert estimate_name("attack: unlearndiffatk", names) == "evaluation attack: UnlearnDiffAtk"
     assert estimate_name("samples: esd", names) == "evaluation: generation"
     assert estimate_name("export", names) is None
+
+    estimate = {"phases": {n: {"peak_gib": 10.0, "bar_gib": 18} for n in names}}
+    measured = {"setting": "sd14-random", "device": "GPU", "torch": "2", "command": "c", "run_id": "this",
+                "rounds": 2, "attacks": ["unlearndiffatk"], "complete": False,
+                "phases": {"train: erase": {"peak_gib": 9.0}, "samples: esd": {"peak_gib": 5.0}}}
+    assert missing_rows(measured, estimate) == ["STE round 1 erase", "STE round 1 attack (concept inversion)",
+                                                "REO after 4 rounds (teacher batch 7×4)",
+                                                "evaluation attack: UnlearnDiffAtk"]
+    (tmp_path / "measured.json").write_text(json.dumps(measured))
+    (tmp_path / "estimate.json").write_text(json.dumps(estimate))
+    files = [str(tmp_path / "measured.json"), str(tmp_path / "estimate.json"), "--out", str(tmp_path / "cmp")]
+    with pytest.raises(SystemExit, match="not by this run"):
+        main([*files, "--run-id", "another"])
+    main([*files, "--run-id", "this"])
+    assert json.loads((tmp_path / "cmp.json").read_text())["missing"][0] == "STE round 1 erase"
+    assert "Not measured" in (tmp_path / "cmp.md").read_text()

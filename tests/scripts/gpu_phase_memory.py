@@ -1,6 +1,6 @@
 """Peak CUDA memory of every phase of the real recipes on SD 1.4's architecture (run by scripts/gpu_check.sh).
 
-    python tests/scripts/gpu_phase_memory.py --out benchmarks/results [--rounds 4] [--attacks]
+    python tests/scripts/gpu_phase_memory.py --out benchmarks/results [--rounds 4] [--attacks] [--run-id ID]
 
 Runs, on `model=sd14-random` (SD 1.4's configs, random weights: no download) at 512 px with
 trainer=gpu exactly as users run it (batch 4, bf16 autocast, gradient checkpointing, DDIM 50 x_t
@@ -9,14 +9,19 @@ STE rounds and REO, then (with `--attacks`) evaluate.py's white-box attacks on t
 Each phase is one call of a recipe function, wrapped where the recipes call it; the wrapper resets
 torch's peak counter before the phase and reads `torch.cuda.max_memory_allocated()` after it, and
 also records what stays allocated after the phase (a growing value across STE rounds means a
-round's model or optimiser was not released). Writes gpu_phase_memory.{json,md} into --out.
+round's model or optimiser was not released). Writes gpu_phase_memory.{json,md} into --out after
+EVERY phase (atomically), so a run cut short by a time limit keeps what it measured; `complete` says
+whether every recipe finished, `recipes` how far each got, `run_id` (--run-id, default
+$GPU_CHECK_RUN_ID) which run wrote the file. sd14-random is built once and copied for every load.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,14 +34,16 @@ sys.path.insert(0, str(ROOT))
 GIB = 2**30
 SD14 = ["model=sd14-random", "model.resolution=512", "model.dtype=bf16", "trainer=gpu", "concept=nudity",
         "trainer.checkpoint_every=0", "trainer.sample_steps=2", "export.formats=[delta]"]
+ATTACKS = ("concept_inversion", "soft_prompt", "unlearndiffatk")  # evaluate.py's white-box attacks measured
 
 
 class PhaseMemory:
     """Peak and retained CUDA memory per named phase; nested phases count toward the outermost one."""
 
-    def __init__(self):
+    def __init__(self, on_phase=lambda: None):
         self.phases: dict[str, dict] = {}
         self.depth = 0
+        self.on_phase = on_phase  # called after every phase (gpu_phase_memory.py saves its results there)
 
     def wrap(self, fn, label):
         @functools.wraps(fn)
@@ -59,6 +66,7 @@ class PhaseMemory:
                 entry["allocated_after_gib"] = torch.cuda.memory_allocated() / GIB
                 entry["calls"] += 1
                 entry["seconds"] += time.perf_counter() - began
+                self.on_phase()
 
         return measured
 
@@ -90,30 +98,62 @@ def instrument_recipes(memory: PhaseMemory) -> None:
     memory.instrument(runner.Evaluation, "run_cell", lambda self, cell, *a, **k: f"attack: {cell.attack}")
 
 
-def run_recipes(out: Path, rounds: int, attacks: bool) -> None:
+def build_sd14_random_once() -> None:
+    """Every load of model=sd14-random gets a copy of ONE build (random init of 1 B parameters on the CPU takes
+    seconds per load; the recipes and the evaluation load it several times)."""
+    import stereo.models.loading as loading
+
+    build, built = loading.sd14_random_pipeline, {}
+
+    def cached(seed: int = 0):
+        if seed not in built:
+            built[seed] = build(seed=seed)
+        return copy.deepcopy(built[seed])
+
+    loading.sd14_random_pipeline = cached
+
+
+def run_recipes(out: Path, rounds: int, attacks: bool, recipes: dict[str, str], save) -> None:
     from stereo.config import compose
     from stereo.train import train
 
+    def running(name):
+        recipes[name] = "running"
+        save()
+
+    def done(name):
+        recipes[name] = "done"
+        save()
+
+    running("esd")
     train(compose([*SD14, "method=esd", "trainer.steps=2", f"output_dir={out / 'esd'}"]))
+    done("esd")
+    running("stereo")
     train(compose([*SD14, "method=stereo", f"method.ste.rounds={rounds}", "method.ste.erase_steps=2",
                    "method.ste.gallery_size=4", "method.ste.gallery_steps=10", "method.ste.inversion.steps=2",
                    "method.reo.steps=2", f"output_dir={out / 'stereo'}"]))
+    done("stereo")
     if attacks:
         from stereo.evaluation.config import compose_eval
         from stereo.evaluation.runner import evaluate
 
+        running("attacks")
         small = ["steps=2", "gallery_size=2", "gallery_steps=10"]
         evaluate(compose_eval([
             "concept=nudity", "model@base=sd14-random", "base.resolution=512",
-            "attack=[concept_inversion,soft_prompt,unlearndiffatk]", "generation.steps=10",
+            f"attack=[{','.join(ATTACKS)}]", "generation.steps=10",
             "generation.max_prompts=2", "progress=false", "attacks.unlearndiffatk.project_every=1",
-            *[f"attacks.{a}.{s}" for a in ("concept_inversion", "soft_prompt", "unlearndiffatk") for s in small],
+            *[f"attacks.{a}.{s}" for a in ATTACKS for s in small],
             f"output_dir={out / 'eval'}"]))
+        done("attacks")
 
 
 def to_markdown(report: dict) -> str:
+    state = "complete" if report["complete"] else "**incomplete** (cut short: only the phases below were measured)"
+    recipes = ", ".join(f"{k} {v}" for k, v in report["recipes"].items())
     lines = [f"# Peak CUDA memory per phase: {report['setting']}", "", f"{report['device']}, torch "
-             f"{report['torch']}; `{report['command']}`", "",
+             f"{report['torch']}; `{report['command']}`; run {report['run_id']}, {report['rounds']} STE rounds.", "",
+             f"Run {state}; recipes: {recipes}.", "",
              "| phase | calls | peak allocated GiB | allocated before GiB | allocated after GiB | seconds |",
              "|---|---|---|---|---|---|"]
     for name, p in report["phases"].items():
@@ -129,21 +169,49 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--rounds", type=int, default=4, help="STE rounds of the STEREO run")
     parser.add_argument("--attacks", action="store_true", help="also evaluate.py's white-box attacks")
+    parser.add_argument("--run-id", default=os.environ.get("GPU_CHECK_RUN_ID", ""),
+                        help="recorded in the results, so a comparison can refuse another run's file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_phase_memory.py measures CUDA memory and needs a GPU; none is visible")
-    memory = PhaseMemory()
-    instrument_recipes(memory)
-    with tempfile.TemporaryDirectory() as runs:
-        run_recipes(Path(runs), args.rounds, args.attacks)
+    recipes = {"esd": "not started", "stereo": "not started"}
+    if args.attacks:
+        recipes["attacks"] = "not started"
     report = {"setting": "sd14-random, 512 px, trainer=gpu (batch 4, bf16, gradient checkpointing), DDIM 50",
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": " ".join(["python", "tests/scripts/gpu_phase_memory.py", *(argv or sys.argv[1:])]),
-              "phases": memory.phases}
+              "run_id": args.run_id, "rounds": args.rounds, "attacks": list(ATTACKS) if args.attacks else [],
+              "complete": False, "recipes": recipes, "phases": {}}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_phase_memory.json").write_text(json.dumps(report, indent=2))
-    (args.out / "gpu_phase_memory.md").write_text(to_markdown(report))
+
+    def save() -> None:
+        write_atomic(args.out / "gpu_phase_memory.json", json.dumps(report, indent=2))
+        write_atomic(args.out / "gpu_phase_memory.md", to_markdown(report))
+
+    memory = PhaseMemory(on_phase=save)
+    report["phases"] = memory.phases  # the same dict: every save writes the phases measured so far
+    save()
+    build_sd14_random_once()
+    instrument_recipes(memory)
+    try:
+        with tempfile.TemporaryDirectory() as runs:
+            run_recipes(Path(runs), args.rounds, args.attacks, recipes, save)
+    except BaseException as error:  # noqa: BLE001  (recorded, then raised again)
+        for name, state in recipes.items():
+            if state == "running":
+                recipes[name] = f"failed: {type(error).__name__}: {str(error)[:200]}"
+        save()
+        raise
+    report["complete"] = True
+    save()
     print(to_markdown(report))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename it: a reader (or a kill) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
