@@ -190,8 +190,9 @@ def test_unknown_attack_lists_valid_names():
 
 
 def test_precision_policy():
-    """Defect 14: fp16/bf16 weights on CUDA run under bf16 autocast with fp32 inputs; elsewhere inputs are
-    cast to the module's dtype (CPU autocast does not cast every op)."""
+    """Defect 14: on CUDA the attack forward runs under bf16 autocast with fp32 inputs whatever the weights' dtype
+    (fp32 too: STE attacks an fp32 erased UNet, and pure fp32 is 2-3x slower); on the CPU inputs are cast to the
+    module's dtype (CPU autocast does not cast every op)."""
     from stereo.attacks.precision import Precision
 
     class Module:
@@ -203,12 +204,12 @@ def test_precision_policy():
             yield type("W", (), {"device": self.device, "dtype": self.weight.dtype})()
 
     x = torch.ones(2, dtype=torch.float64)
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         cuda = Precision.of(Module("cuda", dtype))
         assert cuda.autocast and cuda.input(x).dtype == torch.float32
         cpu = Precision.of(Module("cpu", dtype))
         assert not cpu.autocast and cpu.input(x).dtype == dtype
-    assert not Precision.of(Module("cuda", torch.float32)).autocast
+        assert not isinstance(cpu.context(), torch.autocast)
 
 
 @pytest.mark.parametrize("name", ["concept_inversion", "soft_prompt", "unlearndiffatk"])
@@ -217,8 +218,7 @@ def test_attacks_optimise_fp32_variables_under_the_precision_context(name, tmp_p
     bf16 autocast stands in for CUDA's) and the variables it trains, and their gradients, stay fp32."""
     from stereo.attacks import precision
 
-    monkeypatch.setattr(precision, "AUTOCAST_DEVICES", ("cpu",))  # pretend the CPU is a GPU ...
-    monkeypatch.setattr(precision, "HALF", (torch.float32,))  # ... and the fp32 weights are half precision
+    monkeypatch.setattr(precision, "AUTOCAST_DEVICES", ("cpu",))  # pretend the CPU is a GPU (fp32 weights autocast)
     target = target_for(tmp_path, concept, name)
     seen = []
     forward = target.pipe.unet.forward
@@ -246,16 +246,3 @@ def test_attacks_optimise_fp32_variables_under_the_precision_context(name, tmp_p
         assert grads and set(grads) == {torch.float32}
     if name != "unlearndiffatk":
         assert load_token(target.out_dir / "token.safetensors").vectors.dtype == torch.float32
-
-
-def test_token_moves_by_less_than_a_bf16_step_on_a_bf16_pipeline(tmp_path, concept):
-    """The vectors train in fp32 on a bf16 model: an update far below bf16's resolution still moves them."""
-    from stereo.attacks.inversion import InversionSettings, initial_vectors, learn_token
-
-    pipe = fresh_pipe().to(dtype=torch.bfloat16)
-    latents = torch.randn(2, 4, 4, 4)
-    init = initial_vectors(pipe, "shape", 1)
-    learned = learn_token(pipe, latents, "<t>", "shape", InversionSettings(steps=1, lr=1e-6), progress=False)
-    assert learned.vectors.dtype == torch.float32
-    step = (learned.vectors - init).abs()  # Adam's first step: lr on every coordinate, ~1e-4 x a bf16 spacing
-    assert 0.9e-6 < step.min() and step.max() < 1.1e-6

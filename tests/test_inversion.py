@@ -126,3 +126,111 @@ def test_two_processes_share_the_gallery_and_the_inversion(tmp_path, pipe):
     for rank in ranks:
         np.testing.assert_allclose(rank["fid"]["mean"], alone.mean, rtol=1e-12)
         np.testing.assert_allclose(rank["fid"]["cov"], alone.cov, rtol=1e-12)
+
+
+DISAGREE = '''
+"""Run by test_processes_agree_on_caches_and_errors with torchrun --nproc_per_node 2 (CPU/gloo)."""
+import json, sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=90))  # the old code hung here: fail, not wait an hour
+from accelerate import PartialState
+
+from stereo.attacks import gallery as gallery_module, token as token_module
+from stereo.attacks.base import AttackTarget, GenerationSettings, build_attack
+from stereo.attacks.gallery import concept_gallery
+from stereo.attacks.parallel import gather_or_raise, on_main
+from stereo.evaluation.config import AttackConfig, compose_eval
+from stereo.evaluation.fid import reference_stats
+from stereo.evaluation.runner import MetricSet
+from stereo.models.tiny import tiny_pipeline
+from tests.scripts.ddp_attacks import ATTACK, CONCEPT, GALLERY, MeanColour, reference_images
+
+out = Path(sys.argv[1])
+torch.set_num_threads(1)
+state = PartialState(cpu=True)
+rank = state.process_index
+report = {}
+
+
+def error_of(fn):
+    try:
+        fn()
+    except Exception as error:
+        return [type(error).__name__, str(error)]
+    return None
+
+
+def fail(on_rank):
+    def fn():
+        if rank == on_rank:
+            raise FileNotFoundError(f"bad input on {on_rank}")
+        return rank
+    return fn
+
+
+report["on_main"] = error_of(lambda: on_main(fail(0), state))
+report["gather"] = error_of(lambda: gather_or_raise(fail(1), state))
+report["shared"] = on_main(lambda: rank, state, share=True)
+cfg = compose_eval(["concept=circle", f"metrics.clip_path={out / 'no-clip'}", f"output_dir={out / 'eval'}"])
+report["clip"] = error_of(lambda: MetricSet.from_config(cfg, out, state))
+
+# rank 1 sees the caches wrongly (NFS attribute caching): no gallery index or token spec, an FID cache file
+is_file = Path.is_file
+def stale(path):
+    if path.name in ("index.json", "token.json"):
+        return False
+    return path.suffix == ".npz" or is_file(path)
+if rank == 1:
+    Path.is_file = stale
+
+pipe = tiny_pipeline(seed=0)
+pipe.set_progress_bar_config(disable=True)
+asked, learned = [], []
+generate, learn_token = gallery_module.generate, token_module.learn_token
+gallery_module.generate = lambda pipe, prompts, seeds, **k: asked.extend(seeds) or generate(pipe, prompts, seeds, **k)
+token_module.learn_token = lambda *a, **k: learned.append(1) or learn_token(*a, **k)
+for run in ("first", "cached"):
+    asked.clear()
+    concept_gallery(pipe, cache_dir=out / "gallery", accelerator=state, **GALLERY)
+    report[f"gallery_{run}"] = list(asked)
+    learned.clear()
+    target = AttackTarget(pipe, pipe, CONCEPT, out / "attack", out / "attack-gallery",
+                          generation=GenerationSettings(2, 2), progress=False, accelerator=state)
+    build_attack(AttackConfig(name="concept_inversion", **ATTACK)).prepare(target)
+    report[f"token_{run}"] = len(learned)
+extractor = MeanColour()
+reference_stats(reference_images(out / f"reference{rank}"), extractor, out / "fid_cache", accelerator=state)
+report["fid_seen"] = extractor.seen
+(out / f"rank{rank}.json").write_text(json.dumps(report))
+'''
+
+
+def test_processes_agree_on_caches_and_errors(tmp_path):
+    """Every process raises a user-input error met by one (a bad CLIP folder loads on the main process only),
+    and the main process decides whether a cache is there: processes that disagree (NFS attribute caching,
+    several nodes) would enter different numbers of collectives and hang. Here rank 1 sees the caches wrongly."""
+    script = tmp_path / "disagree.py"
+    script.write_text(DISAGREE)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["on_main"] for r in ranks] == [["FileNotFoundError", "bad input on 0"]] * 2
+    assert [r["gather"] for r in ranks] == [["FileNotFoundError", "bad input on 1"]] * 2
+    assert [r["shared"] for r in ranks] == [0, 0]
+    assert [r["clip"][0] for r in ranks] == ["FileNotFoundError"] * 2 and "No CLIP model folder" in ranks[1]["clip"][1]
+    assert [r["gallery_first"] for r in ranks] == [[0, 2, 4], [1, 3]]
+    assert [r["gallery_cached"] for r in ranks] == [[], []]  # rank 1 follows rank 0: the index is there
+    assert [r["token_first"] for r in ranks] == [1, 1] and [r["token_cached"] for r in ranks] == [0, 0]
+    assert [r["fid_seen"] for r in ranks] == [4, 3]  # rank 1 follows rank 0: no cache yet, both extract

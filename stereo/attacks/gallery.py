@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from stereo.attacks.parallel import is_main, rank_and_world, wait_for_everyone
+from stereo.attacks.parallel import is_main, on_main, rank_and_world, wait_for_everyone
+from stereo.evaluation.fid import open_rgb
 from stereo.generation import generate
 from stereo.manifest import write_json_atomic
 
@@ -35,8 +36,10 @@ def concept_gallery(pipe, prompts: list[str], n: int, cache_dir: str | Path, *, 
     items = [{"prompt": prompts[i % len(prompts)], "seed": seed + i, "file": f"{i:05d}.png"} for i in range(n)]
     spec = {"items": items, "steps": steps, "guidance": guidance, "resolution": resolution}
     index = cache_dir / "index.json"
-    cached = index.is_file() and json.loads(index.read_text()) == spec
-    wait_for_everyone(accelerator)  # every process has read the index before it changes
+    # the main process decides for all: processes that saw the index differently (NFS attribute caching,
+    # several nodes) would enter different numbers of collectives below and hang
+    cached = on_main(lambda: index.is_file() and json.loads(index.read_text()) == spec, accelerator, share=True)
+    wait_for_everyone(accelerator)  # the main process has read the index before it changes
     if not cached:
         if is_main(accelerator):
             index.unlink(missing_ok=True)  # a killed run must not leave an old index over new images
@@ -51,12 +54,7 @@ def concept_gallery(pipe, prompts: list[str], n: int, cache_dir: str | Path, *, 
         if is_main(accelerator):
             write_json_atomic(index, spec)  # written last: a partial gallery is never mistaken for a finished one
         wait_for_everyone(accelerator)
-    return [_open_rgb(cache_dir / item["file"]) for item in items]  # PNG is lossless: as generated
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return [open_rgb(cache_dir / item["file"]) for item in items]  # PNG is lossless: as generated
 
 
 @torch.no_grad()

@@ -2,11 +2,20 @@
 
 `accelerator` is an `accelerate.Accelerator` or `PartialState` (both say `process_index`,
 `num_processes`, `is_main_process` and can `wait_for_everyone`), or None for one process.
+
+A process must not raise, or decide on its own, in front of a collective the others enter: they would wait
+there for `dist_timeout_minutes`. So what only the main process does (`on_main`) and what each process does
+to its share (`gather_or_raise`) raise their error on every process, and a decision each process could make
+differently (is that cache file there? NFS attribute caching, several nodes) is the main process's
+(`on_main(..., share=True)`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import pickle
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,3 +73,52 @@ def main_process_value(value):
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value])[0]
+
+
+def _portable(error: Exception) -> Exception:
+    """`error` if it survives pickling (to send it to the other processes), else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def on_main(fn: Callable[[], Any], accelerator, *, share: bool = False):
+    """`fn()` on the main process only; if it raises, every process raises that error (so none is left in the
+    next collective). Returns its result on the main process, and on the others None, or with `share=True`
+    the main process's result (for a decision every process must take alike). One process: just `fn()`."""
+    if rank_and_world(accelerator)[1] == 1:
+        return fn()
+    result = error = None
+    if is_main(accelerator):
+        try:
+            result = fn()
+        except Exception as caught:
+            error = caught
+    shared = main_process_value((None if error is None else _portable(error), result if share else None))
+    if error is not None:
+        raise error
+    if shared[0] is not None:
+        raise shared[0]  # the main process's error, raised here too
+    return shared[1] if share else result
+
+
+def gather_or_raise(fn: Callable[[], Any], accelerator) -> list:
+    """[fn() of process 0, of process 1, ...] on every process, like `all_gather(fn(), ...)`; but if `fn` raised
+    on any process, every process raises (its own error, else the lowest rank's) instead of the others
+    waiting for it in the gather."""
+    if rank_and_world(accelerator)[1] == 1:
+        return [fn()]
+    item = error = None
+    try:
+        item = fn()
+    except Exception as caught:
+        error = caught
+    gathered = all_gather((None if error is None else _portable(error), item), accelerator)
+    if error is not None:
+        raise error
+    for rank, (other, _) in enumerate(gathered):
+        if other is not None:
+            raise other from RuntimeError(f"raised on process {rank}")
+    return [item for _, item in gathered]

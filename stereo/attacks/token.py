@@ -30,7 +30,7 @@ from stereo.attacks.inversion import (
     templates_for,
     token_ids,
 )
-from stereo.attacks.parallel import is_main
+from stereo.attacks.parallel import is_main, on_main
 from stereo.manifest import write_json_atomic
 
 
@@ -54,7 +54,11 @@ class TokenAttack(Attack):
         spec = {"attack": self.name, "concept": target.concept.name, "initializer": target.concept.initializer_token,
                 "settings": asdict(self.inversion_settings(target))}
         spec = json.loads(json.dumps(spec, default=list))  # tuples -> lists, as read back from disk
-        if path.is_file() and spec_path.is_file() and json.loads(spec_path.read_text())["spec"] == spec:
+        # decided by the main process for all: a process that saw no token would start an inversion (collectives)
+        # that the others never join (NFS attribute caching, several nodes)
+        cached = on_main(lambda: path.is_file() and spec_path.is_file()
+                         and json.loads(spec_path.read_text())["spec"] == spec, target.accelerator, share=True)
+        if cached:
             learned = load_token(path)
             install(target.pipe, learned)
         else:  # every process: the gallery is sharded, the inversion data-parallel (same vectors everywhere)

@@ -14,13 +14,12 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     InitProcessGroupKwargs,
-    broadcast_object_list,
     set_seed,
 )
 from omegaconf import OmegaConf
 
 from stereo.attacks.inversion import encode_prompts
-from stereo.attacks.parallel import main_process_value
+from stereo.attacks.parallel import main_process_value, on_main
 from stereo.config import erased_subset, to_container
 from stereo.erasure.subsets import add_lora, select_trainable
 from stereo.erasure.trainer import TrainerSettings
@@ -63,23 +62,12 @@ class Session:
         return Path(self.cfg.output_dir)
 
     def from_main_process(self, fetch):
-        """`fetch()` run by the main process alone and its result given to every process.
+        """`fetch()` run by the main process alone and its result given to every process (`on_main`).
 
         For what must be the same everywhere but may differ per call (an LLM's reply). A failure on
         the main process is raised on every process, so none waits for a result that never comes.
         """
-        result = error = None
-        if self.accelerator.is_main_process:
-            try:
-                result = fetch()
-            except Exception as err:
-                error = err
-        result, failure = broadcast_object_list([result, None if error is None else f"{type(error).__name__}: {error}"])
-        if error is not None:
-            raise error
-        if failure is not None:
-            raise RuntimeError(f"the main process failed, so this one stops too: {failure}")
-        return result
+        return on_main(fetch, self.accelerator, share=True)
 
     # -- text ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from stereo.attacks.parallel import all_gather, is_main, rank_and_world
+from stereo.attacks.parallel import gather_or_raise, is_main, on_main, rank_and_world
 
 IMPLEMENTATION = "stereo-fid v1 (float64, eigh square roots, nuclear norm of S_a^1/2 S_b^1/2)"
 STATS_SUFFIXES = (".npz", ".safetensors")
@@ -149,7 +149,8 @@ def files_hash(paths: Sequence[str | Path]) -> str:
     return digest.hexdigest()
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image at `path` in RGB, its file closed (also the concept galleries' reader)."""
     with Image.open(path) as image:
         return image.convert("RGB")
 
@@ -171,12 +172,14 @@ def reference_stats(
     if cache_dir is not None:
         safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in extractor.name)
         cache = Path(cache_dir) / f"{safe_name}-{files_hash(paths)[:16]}.npz"
-        if cache.is_file():
+        # the main process decides for all: a process that saw no cache would extract and wait in the gather
+        if on_main(cache.is_file, accelerator, share=True):
             return FeatureStats.load(cache)
     rank, world = rank_and_world(accelerator)
     mine = paths[rank::world]
-    features = extract_features((_open_rgb(p) for p in mine), extractor, batch_size) if mine else None
-    shares = all_gather(features, accelerator)  # share r holds images r, r + world, ...
+    # an unreadable image raises on every process, not only on the one whose share holds it
+    shares = gather_or_raise(  # share r holds images r, r + world, ...
+        lambda: extract_features((open_rgb(p) for p in mine), extractor, batch_size) if mine else None, accelerator)
     ordered = np.empty((len(paths), next(s for s in shares if s is not None).shape[1]))
     for r, share in enumerate(shares):
         if share is not None:

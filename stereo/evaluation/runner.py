@@ -40,7 +40,7 @@ from stereo.attacks.base import (
     render,
     write_attacked,
 )
-from stereo.attacks.parallel import main_process_value
+from stereo.attacks.parallel import main_process_value, on_main
 from stereo.evaluation.config import evaluated_models, validate_eval
 from stereo.evaluation.detectors import build_detector
 from stereo.evaluation.prompts import load_prompt_set
@@ -387,13 +387,15 @@ class MetricSet:
     @classmethod
     def from_config(cls, cfg, out: Path, accelerator=None) -> MetricSet:
         """CLIP on the main process (it scores), FID's extractor on every process (each extracts a share of
-        the reference features), all on the run's device."""
+        the reference features), all on the run's device. A bad CLIP folder raises on every process (`on_main`),
+        before the reference features' gather: the others would wait there for `dist_timeout_minutes`."""
         clip = clip_name = extractor = reference = None
         device = accelerator.device if accelerator is not None else "cpu"
-        if cfg.metrics.clip_path and (accelerator is None or accelerator.is_main_process):
+        if cfg.metrics.clip_path:
             from stereo.evaluation.clip_score import load_clip
 
-            clip, clip_name = load_clip(cfg.metrics.clip_path, device), str(cfg.metrics.clip_path)
+            clip = on_main(lambda: load_clip(cfg.metrics.clip_path, device), accelerator)  # None on the others
+            clip_name = str(cfg.metrics.clip_path) if clip is not None else None
         fid = cfg.metrics.fid
         if fid.extractor:
             from stereo.evaluation.fid import reference_stats
