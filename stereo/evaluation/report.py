@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
 from stereo.evaluation.asr import attack_success_rate
+from stereo.evaluation.layout import Cell
 from stereo.generation import image_grid
 from stereo.manifest import build_manifest, write_json_atomic
 
@@ -29,7 +30,6 @@ def stage_of(attack_name: str) -> str:
 def build_report(run, cells: list[tuple[str, str, str]], metrics) -> dict[str, Any]:
     """Every number of the run, read back from the per-prompt results on disk, plus the manifest."""
     from stereo.attacks.base import build_attack
-    from stereo.evaluation.runner import Cell
 
     cfg = run.cfg
     rows = [cell_row(run, Cell(model, attack, run.out), kind, metrics) for model, attack, kind in cells]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,42 +42,13 @@ from stereo.attacks.base import (
 from stereo.attacks.parallel import main_process_value, on_main
 from stereo.evaluation.config import evaluated_models, validate_eval
 from stereo.evaluation.detectors import build_detector
+from stereo.evaluation.layout import Cell
 from stereo.evaluation.prompts import load_prompt_set
 from stereo.manifest import write_json_atomic
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGES_ATTACK = "images"  # the one row of an image-folder model: its images scored as they are
-
-
-@dataclass
-class Cell:
-    """One (model, attack) pair: where its per-prompt results and images live."""
-
-    model: str
-    attack: str
-    root: Path
-
-    @property
-    def results_dir(self) -> Path:
-        return self.root / "cells" / self.model / self.attack
-
-    @property
-    def images_dir(self) -> Path:
-        return self.root / "images" / self.model / self.attack
-
-    def result_path(self, index: int) -> Path:
-        return self.results_dir / f"{index:05d}.json"
-
-    def image_path(self, index: int) -> Path:
-        return self.images_dir / f"{index:05d}.png"
-
-    def finished(self) -> set[int]:
-        return {int(p.stem) for p in self.results_dir.glob("[0-9]*.json")}
-
-    def results(self) -> list[dict[str, Any]]:
-        files = self.results_dir.glob("[0-9]*.json")
-        return sorted((json.loads(p.read_text()) for p in files), key=lambda r: r["index"])
 
 
 def check_resumable(cell: Cell, prompts: list[EvalPrompt], budget: dict[str, Any]) -> set[int]:

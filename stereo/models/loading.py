@@ -144,9 +144,9 @@ def _from_hub(repo_id: str, revision: str | None, dtype: torch.dtype) -> StableD
 
 
 def _toy_pipeline_dir() -> Path:
-    from stereo.toy import TOY_WEIGHTS_DIR
-
-    path = TOY_WEIGHTS_DIR / "pipeline"
+    # The committed folder of `stereo.toy` (its TOY_WEIGHTS_DIR), found by path: models must not import
+    # the toy world, which builds on them.
+    path = Path(__file__).resolve().parent.parent / "toy" / "weights" / "pipeline"
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(
             f"the toy model's weights are missing from {path}; regenerate them with "
