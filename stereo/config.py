@@ -87,7 +87,7 @@ class STEConfig:
     erase_steps: int = 200
     erase_lr: float = 5e-6
     erase_eta: float = 1.0
-    erase_all_found: bool = False  # reference: erase only the latest adversarial embedding
+    erase_all_found: bool = True  # each round erases every embedding found so far (stereo_reference: latest only)
     gallery_size: int = 500
     gallery_split: bool = True  # split the gallery across rounds (reference) or share it
     gallery_steps: int = 50
@@ -176,22 +176,23 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="stereo_schema", node=StereoConfig)
 
 
-def _check(value: Any, valid: tuple[str, ...], key: str) -> None:
+def check_choice(value: Any, valid: tuple[str, ...], key: str) -> None:
+    """A ValueError naming the key, the bad value and the valid ones, unless `value` is one of `valid`."""
     if value not in valid:
         raise ValueError(f"{key}={value!r} is not valid; choose one of {', '.join(valid)}")
 
 
 def validate(cfg: DictConfig | StereoConfig) -> None:
     """Cross-field rules the types cannot express. Raises ValueError naming the bad values."""
-    _check(cfg.method.name, METHODS, "method.name")
-    _check(cfg.model.kind, MODEL_KINDS, "model.kind")
-    _check(cfg.model.dtype, DTYPES, "model.dtype")
-    _check(cfg.model.device, ("auto", "cpu"), "model.device")
-    _check(cfg.trainer.mixed_precision, MIXED_PRECISION, "trainer.mixed_precision")
-    _check(cfg.logger.name, LOGGERS, "logger.name")
-    _check(cfg.logger.mode, WANDB_MODES, "logger.mode")
+    check_choice(cfg.method.name, METHODS, "method.name")
+    check_choice(cfg.model.kind, MODEL_KINDS, "model.kind")
+    check_choice(cfg.model.dtype, DTYPES, "model.dtype")
+    check_choice(cfg.model.device, ("auto", "cpu"), "model.device")
+    check_choice(cfg.trainer.mixed_precision, MIXED_PRECISION, "trainer.mixed_precision")
+    check_choice(cfg.logger.name, LOGGERS, "logger.name")
+    check_choice(cfg.logger.mode, WANDB_MODES, "logger.mode")
     for fmt in cfg.export.formats:
-        _check(fmt, EXPORT_FORMATS, "export.formats[]")
+        check_choice(fmt, EXPORT_FORMATS, "export.formats[]")
     if not cfg.concepts:
         raise ValueError("no concept selected: pass concept=NAME (or concept=[a,b]); see conf/concept/")
     for key, concept in cfg.concepts.items():
@@ -199,7 +200,7 @@ def validate(cfg: DictConfig | StereoConfig) -> None:
             raise ValueError(f"concept {key!r} has no prompts; set concepts.{key}.prompts")
     subsets = {c.subset for c in cfg.concepts.values()} if cfg.method.subset is None else {cfg.method.subset}
     for subset in subsets:
-        _check(subset, SUBSETS, "method.subset")
+        check_choice(subset, SUBSETS, "method.subset")
     if len(subsets) > 1:
         raise ValueError(
             f"the selected concepts default to different parameter subsets {sorted(subsets)}; "
@@ -214,9 +215,9 @@ def validate(cfg: DictConfig | StereoConfig) -> None:
             f"trainer.steps={cfg.trainer.steps}, batch_size={cfg.trainer.batch_size}, "
             f"grad_accum={cfg.trainer.grad_accum} must all be >= 1"
         )
-    _check(cfg.method.stage, STAGES, "method.stage")
-    _check(cfg.method.reo.adversarial, ("all", "last", "none"), "method.reo.adversarial")
-    _check(cfg.method.ste.inversion.method, ("ti", "pgd"), "method.ste.inversion.method")
+    check_choice(cfg.method.stage, STAGES, "method.stage")
+    check_choice(cfg.method.reo.adversarial, ("all", "last", "none"), "method.reo.adversarial")
+    check_choice(cfg.method.ste.inversion.method, ("ti", "pgd"), "method.ste.inversion.method")
     if cfg.method.stage != "all" and cfg.method.name != "stereo":
         raise ValueError(f"method.stage={cfg.method.stage} only applies to method.name=stereo")
     if cfg.method.stage == "reo" and not cfg.method.ste_dir:

@@ -55,9 +55,6 @@ class LearnedToken:
     vectors: torch.Tensor
     losses: list[float] = field(default_factory=list)
 
-    def prompt(self, template: str = "{}") -> str:
-        return template.format(self.token)
-
 
 def templates_for(kind: str, custom=None) -> tuple[str, ...]:
     if custom:

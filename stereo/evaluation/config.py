@@ -14,7 +14,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from stereo.config import ConceptConfig, ModelConfig
+from stereo.config import ConceptConfig, ModelConfig, check_choice
 
 ATTACK_NAMES = ("none", "concept_inversion", "soft_prompt", "unlearndiffatk", "ring_a_bell", "token_file")
 FID_EXTRACTORS = ("inception", "toy")
@@ -121,11 +121,6 @@ class EvaluateConfig:
 def register_eval_configs() -> None:
     """Register the schema as `evaluate_schema` (first entry of conf/evaluate.yaml's defaults)."""
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
-
-
-def check_choice(value: Any, valid: tuple[str, ...], key: str) -> None:
-    if value not in valid:
-        raise ValueError(f"{key}={value!r} is not valid; choose one of {', '.join(valid)}")
 
 
 def validate_eval(cfg) -> None:

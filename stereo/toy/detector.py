@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stereo.evaluation.detectors import Detection, Detector, register_detector
-from stereo.toy.scenes import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, Scene, generate_scenes, render_all
+from stereo.toy.scenes import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, Scene, render_all
 
 PAIRS = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)  # index = 5 * shape + colour
 CONCEPTS = SHAPES + COLOURS + BACKGROUNDS + PAIRS
@@ -240,8 +240,3 @@ def predict(images, weights: Path | str | None = None) -> dict[str, torch.Tensor
     path = Path(weights) if weights is not None else TOY_WEIGHTS_DIR / "detector.safetensors"
     return predict_with(_cached_net(str(path)), images)
 
-
-def fresh_heldout(n: int, seed: int) -> tuple[list[Scene], np.ndarray]:
-    """Scenes never seen in training (use a seed other than the training one)."""
-    scenes = generate_scenes(n, seed)
-    return scenes, render_all(scenes)
