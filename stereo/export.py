@@ -105,7 +105,23 @@ def _save_pipeline(pipe: StableDiffusionPipeline, unet: UNet2DConditionModel, pa
 def _in_fp32(module):
     if not isinstance(module, torch.nn.Module) or module.dtype == torch.float32:
         return module
-    return copy.deepcopy(module).float()
+    return cast_copy(module, torch.float32)
+
+
+def cast_copy(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | str | None = None):
+    """A frozen copy of `module` with its floating tensors in `dtype` (on `device`, default: where each is).
+
+    Tensors are cast one by one while copying, so no second copy at the original precision exists in
+    between (for SD 1.4's UNet that is 1.7-3.4 GB on the GPU).
+    """
+    memo = {id(t): _cast(t, dtype, device) for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo=memo)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    out = tensor.detach().to(device or tensor.device, dtype if tensor.is_floating_point() else tensor.dtype,
+                             copy=True)
+    return torch.nn.Parameter(out, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else out
 
 
 def _save_lora(unet, path: Path) -> None:

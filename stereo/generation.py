@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Iterator, Sequence
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from PIL import Image
 
-from stereo.export import merged_unet
+from stereo.export import cast_copy, merged_unet
 
 
 @torch.no_grad()
@@ -70,12 +69,9 @@ def _empty_embeds(pipe, count: int) -> torch.Tensor:
 def frozen_copy(unet, dtype: torch.dtype, device: torch.device | str):
     """A frozen plain copy of `unet` (a LoRA adapter folded in) in `dtype` on `device`, for generation.
 
-    A copy, never a cast: the training student keeps its fp32 master weights. Tensors are cast one
-    by one while copying, so no second full-precision UNet exists in between.
+    A copy, never a cast: the training student keeps its fp32 master weights (`cast_copy`).
     """
-    plain = merged_unet(unet)
-    cast = {id(t): _cast(t, dtype, device) for t in (*plain.parameters(), *plain.buffers())}
-    return frozen(copy.deepcopy(plain, memo=cast))
+    return frozen(cast_copy(merged_unet(unet), dtype, device))
 
 
 def frozen(unet):
@@ -89,11 +85,6 @@ def frozen(unet):
     plain = merged_unet(unet)
     plain.__dict__.pop("_is_accelerate_prepared", None)
     return extract_model_from_parallel(plain, keep_fp32_wrapper=False).eval().requires_grad_(False)
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
-    out = tensor.detach().to(device, dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
-    return torch.nn.Parameter(out, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else out
 
 
 @contextlib.contextmanager
