@@ -5,6 +5,6 @@
 set -euo pipefail
 SEED="${1:-0}"
 export HF_HUB_OFFLINE=1
-python -m stereo.toy.train --seed "$SEED"
+python -m stereo.toy.pretrain --seed "$SEED"
 python -m stereo.toy.quality --images 128 --json stereo/toy/weights/quality.json
 python -m stereo.toy.grid --out docs/img

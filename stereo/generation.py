@@ -1,8 +1,9 @@
-"""Image generation with a diffusers pipeline: batched prompts, one seed per image, grids."""
+"""Image generation with a diffusers pipeline: prompt encoding, batched prompts, one seed per image, grids."""
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -10,6 +11,27 @@ from accelerate.utils import extract_model_from_parallel
 from PIL import Image
 
 from stereo.export import cast_copy, merged_unet
+
+
+def prompt_ids(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """(K, 77) token ids, padded and truncated to `model_max_length` as StableDiffusionPipeline does."""
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_ids(text_encoder, ids: torch.Tensor) -> torch.Tensor:
+    """(K, 77, D) text-encoder states (last hidden layer, what the UNet reads) of token ids."""
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """(K, 77, D) text-encoder states of `prompts`, in the text encoder's dtype and on its device.
+
+    Learned tokens are included: a multi-vector token is expanded to its `<tok>_1 ...` pieces as
+    diffusers does (`maybe_convert_prompt`); prompts without learned tokens are read unchanged.
+    """
+    prompts = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in prompts]
+    return encode_ids(pipe.text_encoder, prompt_ids(pipe.tokenizer, prompts))
 
 
 @torch.no_grad()
@@ -42,7 +64,7 @@ def generate(
         latents = _initial_latents(pipe, generators, height, width, device)
         kwargs = {"prompt": list(prompts[start:stop])} if prompts is not None else {
             "prompt_embeds": prompt_embeds[start:stop].to(device, pipe.unet.dtype),
-            "negative_prompt_embeds": _empty_embeds(pipe, stop - start),
+            "negative_prompt_embeds": encode_prompts(pipe, [""] * (stop - start)).to(pipe.unet.dtype),
         }
         out = pipe(
             **kwargs, latents=latents, num_inference_steps=steps, guidance_scale=guidance,
@@ -58,12 +80,6 @@ def _initial_latents(pipe, generators, height, width, device) -> torch.Tensor:
     w = (width or size) // pipe.vae_scale_factor
     noise = [torch.randn((1, pipe.unet.config.in_channels, h, w), generator=g) for g in generators]
     return torch.cat(noise).to(device, pipe.unet.dtype)
-
-
-def _empty_embeds(pipe, count: int) -> torch.Tensor:
-    ids = pipe.tokenizer([""] * count, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0].to(pipe.unet.dtype)
 
 
 def frozen_copy(unet, dtype: torch.dtype, device: torch.device | str):
@@ -117,3 +133,9 @@ def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
     for i, image in enumerate(images):
         grid.paste(image.convert("RGB"), ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image at `path` in RGB, its file closed (generated galleries, FID image folders)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")

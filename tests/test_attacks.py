@@ -3,6 +3,8 @@ UnlearnDiffAtk stops at the first success; Ring-A-Bell never touches the evaluat
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -21,11 +23,20 @@ from stereo.attacks.inversion import load_token
 from stereo.attacks.ring_a_bell import concept_vector, default_pairs, encode_texts
 from stereo.attacks.unlearndiffatk import project_to_simplex
 from stereo.config import ConceptConfig
-from stereo.evaluation.config import AttackConfig
+from stereo.evaluation.config import attack_config
 from stereo.evaluation.detectors import Detection
 from stereo.models.tiny import tiny_pipeline
 
-SMALL = dict(steps=2, gallery_size=2, gallery_steps=2, project_every=1, population=6, elite=2, prompt_length=5)
+# per attack, a budget of a few steps (lr 5e-3: the rate these tests were written with)
+GALLERY = dict(steps=2, gallery_size=2, gallery_steps=2)
+SMALL = {"none": {}, "concept_inversion": GALLERY, "soft_prompt": {**GALLERY, "lr": 5e-3},
+         "unlearndiffatk": {**GALLERY, "project_every": 1, "lr": 5e-3},
+         "ring_a_bell": dict(steps=2, population=6, elite=2, prompt_length=5)}
+
+
+def small(name: str, **changes):
+    """Attack `name`'s schema with its small budget and `changes`."""
+    return attack_config(name, **{**SMALL[name], **changes})
 
 
 class ConstantDetector:
@@ -65,7 +76,7 @@ def target_for(tmp_path, concept, name, detector=None, pipe=None, base=None):
 @pytest.mark.parametrize("name", ["none", "concept_inversion", "soft_prompt", "unlearndiffatk", "ring_a_bell"])
 def test_every_attack_runs_and_its_prompts_generate(name, tmp_path, concept, prompts):
     target = target_for(tmp_path, concept, name, detector=ConstantDetector(False))
-    attack = build_attack(AttackConfig(name=name, **SMALL))
+    attack = build_attack(small(name))
     attack.prepare(target)
     attacked = attack.attack(target, prompts)
     assert [a.index for a in attacked] == [0, 1] and [a.seed for a in attacked] == [100, 101]
@@ -85,7 +96,7 @@ def test_every_attack_runs_and_its_prompts_generate(name, tmp_path, concept, pro
 def test_rendering_from_token_ids_matches_rendering_from_text(tmp_path, concept, prompts):
     """Hard-token attacks carry ids; for a plain prompt the two paths must give the same image."""
     pipe = fresh_pipe()
-    plain = build_attack(AttackConfig(name="none")).attack(None, prompts[:1])
+    plain = build_attack(attack_config("none")).attack(None, prompts[:1])
     ids = pipe.tokenizer(prompts[0].prompt, padding="max_length", max_length=77).input_ids
     from dataclasses import replace
 
@@ -96,7 +107,7 @@ def test_rendering_from_token_ids_matches_rendering_from_text(tmp_path, concept,
 
 
 def test_learned_token_is_reused_from_disk(tmp_path, concept, prompts, monkeypatch):
-    settings = AttackConfig(name="concept_inversion", **SMALL)
+    settings = small("concept_inversion")
     first = target_for(tmp_path, concept, "ci")
     build_attack(settings).prepare(first)
     import stereo.attacks.token as token_module
@@ -112,17 +123,17 @@ def test_learned_token_is_reused_from_disk(tmp_path, concept, prompts, monkeypat
 
 def test_token_file_replays_a_saved_token(tmp_path, concept, prompts):
     learner = target_for(tmp_path, concept, "ci")
-    build_attack(AttackConfig(name="concept_inversion", **SMALL)).prepare(learner)
+    build_attack(small("concept_inversion")).prepare(learner)
     target = target_for(tmp_path, concept, "replay")
-    attack = build_attack(AttackConfig(name="token_file", token_file=str(learner.out_dir / "token.safetensors")))
+    attack = build_attack(attack_config("token_file", token_file=str(learner.out_dir / "token.safetensors")))
     attack.prepare(target)
     assert "<circle-ci>" in attack.attack(target, prompts)[0].text
     with pytest.raises(ValueError, match="token_file"):
-        build_attack(AttackConfig(name="token_file")).prepare(target)
+        build_attack(attack_config("token_file")).prepare(target)
 
 
 def test_unlearndiffatk_stops_at_first_success(tmp_path, concept, prompts):
-    settings = AttackConfig(name="unlearndiffatk", **{**SMALL, "steps": 4, "project_every": 2})
+    settings = small("unlearndiffatk", steps=4, project_every=2)
     always = ConstantDetector(True)
     attacked = build_attack(settings).attack(target_for(tmp_path, concept, "u1", always), prompts)
     assert always.calls == 1  # both prompts succeeded at the first projection: no further checks
@@ -161,7 +172,7 @@ def test_ring_a_bell_never_calls_the_unet(tmp_path, concept, prompts):
         p.vae.forward = _Forbidden().forward
         p.vae.decode = _Forbidden().forward
     target = target_for(tmp_path, concept, "rab", detector=ConstantDetector(True), pipe=pipe, base=base)
-    attacked = build_attack(AttackConfig(name="ring_a_bell", **{**SMALL, "steps": 4})).attack(target, prompts)
+    attacked = build_attack(small("ring_a_bell", steps=4)).attack(target, prompts)
     assert len(attacked) == 2 and all(np.isfinite(a.info["distance"]) for a in attacked)
 
 
@@ -172,7 +183,7 @@ def test_ring_a_bell_concept_vector_and_search(tmp_path, concept, prompts):
     manual = torch.stack([encode_texts(pipe, [a])[0] - encode_texts(pipe, [b])[0] for a, b in pairs]).mean(0)
     torch.testing.assert_close(concept_vector(pipe, pairs), manual)
     # the genetic search never ends worse than its starting individual (the prompt's own tokens)
-    attack = build_attack(AttackConfig(name="ring_a_bell", **{**SMALL, "steps": 5, "population": 8}))
+    attack = build_attack(small("ring_a_bell", steps=5, population=8))
     goals = encode_texts(pipe, [p.prompt for p in prompts]) + 3.0 * manual
     gen = torch.Generator().manual_seed(0)
     from stereo.attacks.unlearndiffatk import attackable_vocabulary
@@ -185,8 +196,17 @@ def test_ring_a_bell_concept_vector_and_search(tmp_path, concept, prompts):
 
 def test_unknown_attack_lists_valid_names():
     with pytest.raises(ValueError, match="valid attacks") as error:
-        build_attack(AttackConfig(name="p4d"))
+        build_attack(SimpleNamespace(name="p4d"))
     assert all(name in str(error.value) for name in ATTACK_MODULES)
+
+
+def test_each_attack_has_its_own_schema():
+    """A budget field of another attack is an error, not silently ignored."""
+    assert small("ring_a_bell").population == 6
+    with pytest.raises(TypeError, match="gallery_size"):
+        attack_config("ring_a_bell", gallery_size=2)
+    with pytest.raises(ValueError, match="choose one of none, concept_inversion"):
+        attack_config("p4d")
 
 
 def test_precision_policy():
@@ -237,7 +257,7 @@ def test_attacks_optimise_fp32_variables_under_the_precision_context(name, tmp_p
     monkeypatch.setattr(torch.optim.Adam, "step", record)
     monkeypatch.setattr(torch.optim.AdamW, "step", record)
     monkeypatch.setattr(target.pipe.unet, "forward", spy)
-    attack = build_attack(AttackConfig(name=name, check_success=False, **SMALL))
+    attack = build_attack(small(name, **({"check_success": False} if name == "unlearndiffatk" else {})))
     attack.prepare(target)
     attack.attack(target, prompts)
     assert seen and all(autocast for autocast, _, _ in seen), "the UNet ran outside the precision context"

@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from stereo.attacks.gallery import concept_gallery, encode_images
-from stereo.attacks.inversion import (
-    InversionSettings,
-    encode_prompts,
-    learn_token,
-    load_token,
-    save_token,
-    templates_for,
-)
+from stereo.attacks.inversion import InversionSettings, learn_token, load_token, save_token, templates_for
 from stereo.evaluation.fid import reference_stats
+from stereo.generation import encode_prompts
 from stereo.models.tiny import tiny_pipeline
 from tests.conftest import ROOT
 from tests.scripts.ddp_attacks import GALLERY, MeanColour, pixels_hash
@@ -65,6 +59,12 @@ def test_exported_token_loads_in_diffusers_with_the_same_text_embedding(pipe, la
     theirs = encode_prompts(fresh, ["a photo of a <adv>"])
     torch.testing.assert_close(ours, theirs)
     assert load_token(path).vectors.shape == (2, 64)
+
+
+def test_encode_prompts_gives_what_the_pipeline_feeds_the_unet(pipe):
+    prompts = ["a photo of a church", "", "a church " * 60]  # the last one is truncated to 77 tokens
+    theirs, _ = pipe.encode_prompt(prompts, pipe.text_encoder.device, 1, False)
+    assert torch.equal(encode_prompts(pipe, prompts), theirs)
 
 
 def test_pgd_stays_in_its_ball(pipe, latents):
@@ -143,10 +143,10 @@ from accelerate import PartialState
 from stereo.attacks import gallery as gallery_module, token as token_module
 from stereo.attacks.base import AttackTarget, GenerationSettings, build_attack
 from stereo.attacks.gallery import concept_gallery
-from stereo.attacks.parallel import gather_or_raise, on_main
-from stereo.evaluation.config import AttackConfig, compose_eval
+from stereo.parallel import gather_or_raise, on_main
+from stereo.evaluation.config import attack_config, compose_eval
 from stereo.evaluation.fid import reference_stats
-from stereo.evaluation.runner import MetricSet
+from stereo.evaluation.metrics import MetricSet
 from stereo.models.tiny import tiny_pipeline
 from tests.scripts.ddp_attacks import ATTACK, CONCEPT, GALLERY, MeanColour, reference_images
 
@@ -201,7 +201,7 @@ for run in ("first", "cached"):
     learned.clear()
     target = AttackTarget(pipe, pipe, CONCEPT, out / "attack", out / "attack-gallery",
                           generation=GenerationSettings(2, 2), progress=False, accelerator=state)
-    build_attack(AttackConfig(name="concept_inversion", **ATTACK)).prepare(target)
+    build_attack(attack_config("concept_inversion", **ATTACK)).prepare(target)
     report[f"token_{run}"] = len(learned)
 extractor = MeanColour()
 reference_stats(reference_images(out / f"reference{rank}"), extractor, out / "fid_cache", accelerator=state)

@@ -4,9 +4,11 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from stereo.erasure.subsets import select_trainable, trainable_state_dict
+from stereo.erasure.subsets import select_trainable
+from stereo.export import trainable_state_dict
 from stereo.models.loading import ModelLoadError, load_pipeline, load_unet_weights, read_unet_state_dict
 from tests.conftest import compose
 
@@ -58,7 +60,7 @@ def test_single_file_without_local_config_explains_what_is_needed(tmp_path):
 
 
 def test_unknown_model_kind():
-    cfg = model_cfg()
+    cfg = OmegaConf.create(OmegaConf.to_container(model_cfg()))  # untyped: the loader's own check, not the schema's
     cfg.kind = "sd99"
     with pytest.raises(ValueError, match="tiny, sd14-random, toy"):
         load_pipeline(cfg)

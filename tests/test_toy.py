@@ -92,7 +92,7 @@ def test_contrastive_loss_with_one_positive_is_clip_loss():
 
 # ---------------------------------------------------------------- training script
 def test_training_script_runs_end_to_end(tmp_path):
-    from stereo.toy.train import main
+    from stereo.toy.pretrain import main
 
     out, threads = tmp_path / "weights", torch.get_num_threads()
     try:
@@ -133,10 +133,11 @@ def test_toy_detector_interface():
     assert det.describe()["concept"] == "circle" and len(det.describe()["sha256"]) == 64
     with pytest.raises(ValueError, match="expected a shape"):
         load_toy_detector("hexagon")
-    from stereo.evaluation.detectors import build_detector
+    from stereo.evaluation.detectors import detector_factory
+    from stereo.toy.detector import ToyDetector
 
-    assert build_detector("toy", concept="red").detect(images[:3]).scores == load_toy_detector("red").detect(
-        images[:3]).scores
+    by_name = detector_factory("toy", registry={"toy": ToyDetector})  # a run's own registry, nothing global
+    assert by_name(concept="red").detect(images[:3]).scores == load_toy_detector("red").detect(images[:3]).scores
 
 
 def test_committed_clip_loads_and_gives_features():

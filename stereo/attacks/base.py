@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from stereo.generation import generate
+from stereo.generation import encode_ids, generate
 
 # name -> module that defines (and registers) the attack; imported on first use.
 ATTACK_MODULES = {
@@ -156,17 +156,6 @@ class NoAttack(Attack):
 
 
 # --- helpers shared by attacks and the evaluation runner --------------------------------------
-def prompt_ids(tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """(B, 77) CLIP ids, padded and truncated the way StableDiffusionPipeline encodes prompts."""
-    return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
-def encode_ids(pipe, ids: torch.Tensor) -> torch.Tensor:
-    """(B, 77, D) text-encoder states of token ids."""
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
-
-
 def wrap_ids(tokenizer, body: Sequence[int]) -> list[int]:
     """[BOS] + body + [EOS] + padding to 77 (body truncated to fit)."""
     length = tokenizer.model_max_length
@@ -189,7 +178,7 @@ def render(pipe, attacked: Sequence[AttackedPrompt], generation: GenerationSetti
         common = {"steps": generation.steps, "guidance": guidance, "batch_size": generation.batch_size}
         if by_ids:
             with torch.no_grad():
-                embeds = encode_ids(pipe, torch.tensor([attacked[i].token_ids for i in members]))
+                embeds = encode_ids(pipe.text_encoder, torch.tensor([attacked[i].token_ids for i in members]))
             out = generate(pipe, seeds=seeds, prompt_embeds=embeds, **common)
         else:
             out = generate(pipe, [attacked[i].text for i in members], seeds, **common)

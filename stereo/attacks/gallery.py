@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from stereo.attacks.parallel import is_main, on_main, rank_and_world, wait_for_everyone
-from stereo.evaluation.fid import open_rgb
-from stereo.generation import generate
+from stereo.generation import generate, open_rgb
 from stereo.manifest import write_json_atomic
+from stereo.parallel import is_main, on_main, rank_and_world, wait_for_everyone
 
 
 def concept_gallery(pipe, prompts: list[str], n: int, cache_dir: str | Path, *, seed: int = 0, steps: int = 50,

@@ -3,7 +3,8 @@
 Concept inversion (Pham et al. 2023, "Circumventing Concept Erasure"): textual inversion
 (Gal et al. 2023) against the erased UNet. A new token, initialised from a related word, is the
 only thing that trains; the loss is the plain denoising loss on images of the concept made by
-the ORIGINAL model:   min_v  E_{x0, eps, t} || eps_theta(x_t, c(template(v)), t) - eps ||^2.
+the ORIGINAL model:   min_v  E_{x0, eps, t} || eps_theta(x_t, c(template(v)), t) - eps ||^2
+(`denoising_loss`, also UnlearnDiffAtk's objective).
 
 `method="pgd"` is the soft-prompt variant (AdvUnlearn style): signed-gradient steps on the
 same loss, projected onto an L∞ ball of radius `pgd_eps` around the initial vectors.
@@ -19,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from stereo.attacks.parallel import mean_over_processes, process_seed
 from stereo.attacks.precision import Precision
-from stereo.objectives import denoising_loss
+from stereo.config import InversionConfig, InversionMethod
+from stereo.generation import encode_prompts
+from stereo.parallel import mean_over_processes, process_seed
 
 OBJECT_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "a close-up photo of a {}",
                     "a bright photo of a {}", "a photo of one {}", "a good photo of a {}")
@@ -32,18 +35,13 @@ STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of
                    "a picture in the style of {}", "a drawing in the style of {}")
 NUDITY_TEMPLATES = ("a photo of {}", "an image of {}", "a picture of {}")
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES, "nudity": NUDITY_TEMPLATES}
-METHODS = ("ti", "pgd")
 
 
 @dataclass
-class InversionSettings:
-    steps: int = 3000
-    lr: float = 5e-3
-    batch_size: int = 1
-    num_vectors: int = 1
-    templates: tuple[str, ...] = OBJECT_TEMPLATES
-    method: str = "ti"  # ti (AdamW, textual inversion) | pgd (signed steps in an L∞ ball)
-    pgd_eps: float = 0.1
+class InversionSettings(InversionConfig):
+    """One inversion's budget: STE's `InversionConfig` (its defaults) with the templates resolved and a seed."""
+
+    templates: tuple[str, ...] = OBJECT_TEMPLATES  # the prompts the token is learned in, "{}" = the token
     seed: int = 0
 
 
@@ -85,6 +83,21 @@ def token_ids(pipe, token: str, num_vectors: int) -> list[int]:
     return pipe.tokenizer.convert_tokens_to_ids(names)
 
 
+def write_token_rows(pipe, ids: list[int], vectors: torch.Tensor) -> None:
+    """Rows `ids` of the text encoder's token-embedding table become `vectors` (n, D), in the table's dtype."""
+    with torch.no_grad():
+        table = pipe.text_encoder.get_input_embeddings().weight
+        table[ids] = vectors.to(table.device, table.dtype)
+
+
+def install_token(pipe, learned: LearnedToken) -> None:
+    """Put a learned token in the pipeline, or overwrite its vectors if the pipeline has it already."""
+    if learned.token not in pipe.tokenizer.get_vocab():
+        add_token(pipe, learned)
+        return
+    write_token_rows(pipe, token_ids(pipe, learned.token, learned.vectors.shape[0]), learned.vectors)
+
+
 @contextlib.contextmanager
 def injected(pipe, ids: list[int], vectors: torch.Tensor, precision: Precision | None = None):
     """While active, rows `ids` of the token-embedding lookup are replaced by `vectors` (with gradient).
@@ -107,12 +120,14 @@ def injected(pipe, ids: list[int], vectors: torch.Tensor, precision: Precision |
         handle.remove()
 
 
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """(B, 77, D) text-encoder states; multi-vector tokens are expanded as diffusers does."""
-    prompts = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in prompts]
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0]
+def denoising_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Textual inversion's plain denoising loss (Gal et al. 2023), in fp32 whatever the UNet's dtype:
+
+        L = mean || eps_theta(x_t, c, t) - eps ||^2     over the batch and every latent element,
+
+    `eps_pred` the UNet's prediction and `noise` the eps that made x_t, both (B, 4, h, w).
+    """
+    return F.mse_loss(eps_pred.float(), noise.float())
 
 
 def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, settings: InversionSettings,
@@ -120,7 +135,7 @@ def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, setti
     """Learn `token` against `pipe.unet` on `latents` (N, 4, h, w) of concept images; returns its vectors.
 
     The token is added to the pipeline (tokenizer + text encoder) and left there with the learned
-    vectors written into its rows, so `encode_prompts(pipe, ["a photo of " + token])` uses it.
+    vectors written into its rows, so `stereo.generation.encode_prompts(pipe, ["a photo of " + token])` uses it.
 
     With an `accelerator` of several processes the inversion is data-parallel: every process must
     call this, each draws its own batches (its own random stream) and the vectors' gradient is
@@ -128,8 +143,9 @@ def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, setti
     step, and an update sees `batch_size` x processes latents. `losses` are the process means.
     The vectors train in fp32 whatever the pipeline's dtype (`stereo.attacks.precision`).
     """
-    if settings.method not in METHODS:
-        raise ValueError(f"inversion method {settings.method!r} is not valid; choose one of {', '.join(METHODS)}")
+    methods = [m.value for m in InversionMethod]  # ti: AdamW (textual inversion); pgd: signed steps in an L∞ ball
+    if settings.method not in methods:
+        raise ValueError(f"inversion method {settings.method!r} is not valid; choose one of {', '.join(methods)}")
     init = initial_vectors(pipe, initializer, settings.num_vectors)
     ids = add_token(pipe, LearnedToken(token, init))
     device = pipe.unet.device
@@ -151,9 +167,7 @@ def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, setti
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
     pipe.unet.train(unet_was_training)
     learned = LearnedToken(token, vectors.detach().cpu(), losses)
-    with torch.no_grad():
-        table = pipe.text_encoder.get_input_embeddings().weight
-        table[ids] = learned.vectors.to(table.device, table.dtype)
+    write_token_rows(pipe, ids, learned.vectors)
     return learned
 
 

@@ -24,13 +24,12 @@ from stereo.attacks.base import (
     AttackedPrompt,
     AttackTarget,
     EvalPrompt,
-    encode_ids,
-    prompt_ids,
     register_attack,
     wrap_ids,
 )
 from stereo.attacks.inversion import templates_for
 from stereo.attacks.unlearndiffatk import attackable_vocabulary
+from stereo.generation import encode_ids, encode_prompts
 
 ENCODE_BATCH = 256
 
@@ -46,7 +45,8 @@ def default_pairs(concept) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def encode_texts(pipe, texts: Sequence[str]) -> torch.Tensor:
-    return encode_ids(pipe, prompt_ids(pipe.tokenizer, texts)).float()
+    """(B, 77, D) fp32 states: distances to the goal are measured in fp32 whatever the encoder's dtype."""
+    return encode_prompts(pipe, texts).float()
 
 
 @torch.no_grad()
@@ -116,7 +116,7 @@ class RingABell(Attack):
         """Mean squared distance of E(individual) to its prompt's goal, (B, P)."""
         b, p, _ = population.shape
         ids = torch.tensor([wrap_ids(pipe.tokenizer, row) for row in population.reshape(b * p, -1).tolist()])
-        states = torch.cat([encode_ids(pipe, ids[i:i + ENCODE_BATCH]).float()
+        states = torch.cat([encode_ids(pipe.text_encoder, ids[i:i + ENCODE_BATCH]).float()
                             for i in range(0, len(ids), ENCODE_BATCH)]).reshape(b, p, *goals.shape[1:])
         return (states - goals[:, None].to(states.device)).pow(2).mean(dim=(2, 3)).cpu()
 

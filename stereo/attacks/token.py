@@ -18,20 +18,17 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict
 
-import torch
-
 from stereo.attacks.base import Attack, AttackedPrompt, AttackTarget, EvalPrompt, gallery_latents, register_attack
 from stereo.attacks.inversion import (
     InversionSettings,
-    add_token,
+    install_token,
     learn_token,
     load_token,
     save_token,
     templates_for,
-    token_ids,
 )
-from stereo.attacks.parallel import is_main, on_main
 from stereo.manifest import write_json_atomic
+from stereo.parallel import is_main, on_main
 
 
 class TokenAttack(Attack):
@@ -60,7 +57,7 @@ class TokenAttack(Attack):
                          and json.loads(spec_path.read_text())["spec"] == spec, target.accelerator, share=True)
         if cached:
             learned = load_token(path)
-            install(target.pipe, learned)
+            install_token(target.pipe, learned)
         else:  # every process: the gallery is sharded, the inversion data-parallel (same vectors everywhere)
             latents = gallery_latents(target, self.settings)
             token = fresh_token(target.pipe, f"<{target.concept.name}-{target.out_dir.name}>")
@@ -103,7 +100,7 @@ class TokenFile(TokenAttack):
             raise ValueError("attack token_file needs attacks.<name>.token_file=<path to a textual-inversion "
                              ".safetensors file> (e.g. one saved by concept_inversion or by STE)")
         learned = load_token(path)
-        install(target.pipe, learned)
+        install_token(target.pipe, learned)
         self.token = learned.token
 
 
@@ -115,13 +112,3 @@ def fresh_token(pipe, token: str) -> str:
         name = f"{token[:-1]}-{n}>" if token.endswith(">") else f"{token}-{n}"
     return name
 
-
-def install(pipe, learned) -> None:
-    """Put a learned token in the pipeline (or overwrite its vectors if it is there already)."""
-    if learned.token not in pipe.tokenizer.get_vocab():
-        add_token(pipe, learned)
-        return
-    ids = token_ids(pipe, learned.token, learned.vectors.shape[0])
-    with torch.no_grad():
-        table = pipe.text_encoder.get_input_embeddings().weight
-        table[ids] = learned.vectors.to(table.device, table.dtype)

@@ -34,8 +34,8 @@ from stereo.attacks.base import (
     render,
     wrap_ids,
 )
+from stereo.attacks.inversion import denoising_loss
 from stereo.attacks.precision import Precision
-from stereo.objectives import denoising_loss
 
 
 def project_to_simplex(w: torch.Tensor) -> torch.Tensor:

@@ -1,1 +1,20 @@
 """Model construction and loading: SD 1.4 (hub id, local folder, single file), tiny, sd14-random, toy."""
+
+from __future__ import annotations
+
+
+def assemble_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
+                      feature_extractor=None):
+    """A `StableDiffusionPipeline` of built components; without a safety checker (stereo's default:
+    detectors judge the images) it is not required and no feature extractor is needed.
+
+    Keyword-only, so each caller builds its components in its own order (the order of a seeded
+    random build decides the weights).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=safety_checker, feature_extractor=feature_extractor,
+        requires_safety_checker=safety_checker is not None,
+    )

@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from stereo.models import assemble_pipeline
 from stereo.models.tiny import load_clip_tokenizer, sd_scheduler, tiny_pipeline
 
 SD14_CONFIGS = Path(__file__).parent / "configs" / "sd14"
@@ -150,7 +151,7 @@ def _toy_pipeline_dir() -> Path:
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(
             f"the toy model's weights are missing from {path}; regenerate them with "
-            "`python -m stereo.toy.train` (or reinstall the package)."
+            "`python -m stereo.toy.pretrain` (or reinstall the package)."
         )
     return path
 
@@ -165,10 +166,8 @@ def sd14_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     unet = UNet2DConditionModel.from_config(_read_json("unet.json"))
     vae = AutoencoderKL.from_config(_read_json("vae.json"))
     text_encoder = CLIPTextModel(CLIPTextConfig(**_read_json("text_encoder.json")))
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
-        scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return assemble_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
+                             scheduler=sd_scheduler())
 
 
 def _read_json(name: str) -> dict:

@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
 
+from stereo.models import assemble_pipeline
 from stereo.models.tiny import BOS_ID, EOS_ID, load_clip_tokenizer
 
 RESOLUTION = 64  # pixels; latents are 8x8 (the VAE downsamples 8x, as SD's)
@@ -91,11 +92,10 @@ def rehearsal_safety_checker() -> StableDiffusionSafetyChecker:
 def sd14_rehearsal_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """The whole SD-1.4-shaped pipeline with seeded random weights (fp32, CPU)."""
     torch.manual_seed(seed)
-    return StableDiffusionPipeline(
+    return assemble_pipeline(
         vae=rehearsal_vae(), text_encoder=rehearsal_text_encoder(), tokenizer=load_clip_tokenizer(),
         unet=rehearsal_unet(), scheduler=sd14_scheduler(), safety_checker=rehearsal_safety_checker(),
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        requires_safety_checker=True,
     )
 
 

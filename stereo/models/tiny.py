@@ -11,6 +11,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from stereo.models import assemble_pipeline
+
 TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 BOS_ID, EOS_ID = 8190, 8191  # <|startoftext|>, <|endoftext|> in the truncated vocabulary
 
@@ -60,8 +62,5 @@ def tiny_vae() -> AutoencoderKL:
 def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A randomly initialised SD-shaped pipeline: 32 px images, 16x16x4 latents, ~1 M UNet params."""
     torch.manual_seed(seed)
-    return StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=load_clip_tokenizer(),
-        unet=tiny_unet(), scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_pipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=load_clip_tokenizer(),
+                             unet=tiny_unet(), scheduler=sd_scheduler())

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
+from stereo.generation import prompt_ids
 from stereo.models.tiny import BOS_ID, EOS_ID, load_clip_tokenizer
 from stereo.toy.detector import PAIRS, to_tensor
+from stereo.toy.fit import one_cycle_fit
 from stereo.toy.scenes import BACKGROUNDS, IMAGE_SIZE, SHAPES, Scene, parse_prompt
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, kept for familiarity
@@ -50,10 +52,8 @@ def pixel_values(images) -> torch.Tensor:
 
 
 def tokenize(captions: Sequence[str]) -> torch.Tensor:
-    """(N, 77) input ids, padded with <|endoftext|> exactly as the SD pipeline pads prompts."""
-    tok = load_clip_tokenizer()
-    return tok(list(captions), padding="max_length", max_length=77, truncation=True,
-               return_tensors="pt").input_ids
+    """(N, 77) input ids of the toy's tokenizer, padded with <|endoftext|> exactly as the SD pipeline pads prompts."""
+    return prompt_ids(load_clip_tokenizer(), captions)
 
 
 def image_embeds(model: CLIPModel, pixels: torch.Tensor) -> torch.Tensor:
@@ -125,21 +125,16 @@ def train_clip(scenes: Sequence[Scene], images: np.ndarray, steps: int, seed: in
     cap_vecs, img_vecs = caption_vectors(captions), scene_vectors(scenes)
     scene_caption = torch.tensor([caption_index[s.caption] for s in scenes])
     pixels = pixel_values(images)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
-    model.train()
-    for step in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(scenes), (batch_size,), generator=generator)
         cap = torch.unique(scene_caption[idx])  # (C,) distinct captions of the batch
         positives = describes(cap_vecs[cap], img_vecs[idx]).T  # (B, C)
-        loss = contrastive_loss(image_embeds(model, pixels[idx]), text_embeds(model, ids[cap]), positives,
+        return contrastive_loss(image_embeds(model, pixels[idx]), text_embeds(model, ids[cap]), positives,
                                 model.logit_scale.exp().clamp(max=100))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"[clip] step {step}/{steps} loss {loss.item():.4f}", flush=True)
+
+    model.train()
+    one_cycle_fit(model.parameters(), steps, lr, batch_loss, name="clip", weight_decay=0.05, log_every=log_every)
     return model.eval()
 
 

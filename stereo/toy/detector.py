@@ -5,7 +5,8 @@ Heads (all from one convolutional trunk):
 - colour presence: 5 sigmoids, max-pooled;
 - colour-shape binding: 25 sigmoids "{colour} {shape}", max-pooled;
 - background kind: 3-way softmax over average-pooled features.
-It plays, for the toy world, the role NudeNet or an ImageNet classifier plays for SD.
+It plays, for the toy world, the role NudeNet or an ImageNet classifier plays for SD; `register()`
+adds it to the evaluation's detectors as `toy`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stereo.evaluation.detectors import Detection, Detector, register_detector
+from stereo.toy.fit import one_cycle_fit
 from stereo.toy.scenes import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, Scene, render_all
 
 PAIRS = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)  # index = 5 * shape + colour
@@ -107,20 +109,13 @@ def train_detector(scenes: Sequence[Scene], images: np.ndarray, steps: int, seed
     net = ToyDetectorNet()
     x_all = to_tensor(images)
     presence, background = scene_targets(scenes)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
-    net.train()
-    for step in range(steps):
+
+    def batch_loss():
         idx = torch.randint(len(x_all), (batch_size,), generator=generator)
         logits_p, logits_b = net(augment(x_all[idx], generator))
-        loss = F.binary_cross_entropy_with_logits(logits_p, presence[idx]) + F.cross_entropy(
-            logits_b, background[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"[detector] step {step}/{steps} loss {loss.item():.4f}", flush=True)
+        return F.binary_cross_entropy_with_logits(logits_p, presence[idx]) + F.cross_entropy(logits_b, background[idx])
+    net.train()
+    one_cycle_fit(net.parameters(), steps, lr, batch_loss, name="detector", weight_decay=1e-4, log_every=log_every)
     return net.eval()
 
 
@@ -182,7 +177,7 @@ def load_detector_net(path: Path) -> ToyDetectorNet:
     """Load a detector saved by `save_detector`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"toy weights missing: no detector at {path}; run `python -m stereo.toy.train`")
+        raise FileNotFoundError(f"toy weights missing: no detector at {path}; run `python -m stereo.toy.pretrain`")
     config = json.loads(path.with_suffix(".json").read_text())
     net = ToyDetectorNet(width=config["width"])
     net.load_state_dict(load_file(str(path)))
@@ -194,7 +189,6 @@ def _cached_net(path: str) -> ToyDetectorNet:
     return load_detector_net(Path(path))
 
 
-@register_detector("toy")
 class ToyDetector(Detector):
     """Detector for one toy concept: a shape, a colour, a background kind or a "{colour} {shape}".
 
@@ -231,6 +225,11 @@ class ToyDetector(Detector):
         digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()
         return {"name": self.name, "concept": self.concept, "threshold": self.threshold,
                 "weights": str(self.weights), "sha256": digest}
+
+
+def register() -> None:
+    """Make `detector: {name: toy, concept: ...}` build a ToyDetector (evaluate.py calls it; idempotent)."""
+    register_detector("toy", ToyDetector)
 
 
 def predict(images, weights: Path | str | None = None) -> dict[str, torch.Tensor]:

@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTextModel
 
+from stereo.generation import encode_ids
+from stereo.models import assemble_pipeline
 from stereo.models.tiny import load_clip_tokenizer, sd_scheduler
 from stereo.toy.clip import tokenize
 from stereo.toy.detector import to_tensor
+from stereo.toy.fit import one_cycle_fit
 from stereo.toy.scenes import IMAGE_SIZE, Scene, captions_for
 
 LATENT_SIZE = 8
@@ -71,20 +74,15 @@ def train_vae(images: np.ndarray, steps: int, seed: int, batch_size: int = 32, l
     generator = torch.Generator().manual_seed(seed)
     vae = build_toy_vae()
     x_all = to_tensor(images) * 2 - 1
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
-    vae.train()
-    for step in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         x = x_all[torch.randint(len(x_all), (batch_size,), generator=generator)]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
-        loss = F.mse_loss(recon, x) + F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"[vae] step {step}/{steps} loss {loss.item():.4f}", flush=True)
+        return F.mse_loss(recon, x) + F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
+
+    vae.train()
+    one_cycle_fit(vae.parameters(), steps, lr, batch_loss, name="vae", pct_start=0.05, log_every=log_every)
     vae.eval().requires_grad_(False)
     mean, std = encode_posterior(vae, images[: min(len(images), 2048)])
     scale = 1.0 / (mean + std * torch.randn(mean.shape, generator=generator)).std().item()
@@ -116,9 +114,10 @@ def vae_reconstruction_mse(vae: AutoencoderKL, images: np.ndarray) -> float:
 
 @torch.no_grad()
 def encode_captions(text_encoder: CLIPTextModel, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """(N, 77, D) last hidden states, exactly what the SD pipeline feeds the UNet."""
+    """(N, 77, D) last hidden states, exactly what the SD pipeline feeds the UNet (`encode_prompts` of a bare
+    text encoder, before any pipeline exists; in batches, for thousands of captions)."""
     ids = tokenize(captions)
-    return torch.cat([text_encoder(ids[i:i + batch_size])[0] for i in range(0, len(ids), batch_size)])
+    return torch.cat([encode_ids(text_encoder, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)])
 
 
 def caption_table(scenes: Sequence[Scene]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -228,10 +227,8 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_fact
     return ema.eval()
 
 
-def assemble_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                      unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+def toy_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 unet: UNet2DConditionModel) -> StableDiffusionPipeline:
     """The toy model as a real StableDiffusionPipeline (no safety checker)."""
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
-        scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return assemble_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(), unet=unet,
+                             scheduler=sd_scheduler())

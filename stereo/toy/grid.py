@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from stereo.toy.quality import generate
+from stereo.toy.quality import generate_toy_images
 from stereo.toy.scenes import BACKGROUNDS, COLOURS, SHAPES, generate_scenes, render
 
 ZOOM, GAP = 3, 12
@@ -55,7 +55,7 @@ def make_grids(pipe, out: Path, guidance: float = 4.0, seed: int = 0) -> list[Pa
     pipe.set_progress_bar_config(disable=True)
 
     def fake(prompt: str, i: int) -> np.ndarray:
-        return np.asarray(generate(pipe, prompt, 1, guidance, 25, seed + i)[0])
+        return np.asarray(generate_toy_images(pipe, prompt, 1, guidance, 25, seed + i)[0])
 
     real = [[real_example(seed, s, colour=c) for c in COLOURS] for s in SHAPES]
     gen = [[fake(f"a {c} {s}", 5 * i + j) for j, c in enumerate(COLOURS)] for i, s in enumerate(SHAPES)]

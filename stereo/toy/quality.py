@@ -30,8 +30,12 @@ def quality_prompts() -> list[tuple[str, dict]]:
 
 
 @torch.no_grad()
-def generate(pipe, prompt: str, n: int, guidance: float, steps: int, seed: int) -> list:
-    """n images of one prompt (DDIM, classifier-free guidance), seeded per prompt."""
+def generate_toy_images(pipe, prompt: str, n: int, guidance: float, steps: int, seed: int) -> list:
+    """n images of one prompt (DDIM, classifier-free guidance) from ONE generator seeded per prompt.
+
+    Not `stereo.generation.generate` (one seed per image): the committed quality table and grids were
+    made this way, and a per-image seed would change them.
+    """
     generator = torch.Generator().manual_seed(seed)
     return pipe(prompt, num_images_per_prompt=n, guidance_scale=guidance, num_inference_steps=steps,
                 generator=generator, output_type="pil").images
@@ -45,7 +49,7 @@ def measure_quality(pipe, prompts: list[tuple[str, dict]], n: int = 16, guidance
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for i, (prompt, wanted) in enumerate(prompts):
-        probs = predict(generate(pipe, prompt, n, guidance, steps, seed + i), weights=weights)
+        probs = predict(generate_toy_images(pipe, prompt, n, guidance, steps, seed + i), weights=weights)
         rows.append({"prompt": prompt, **{what: (probs[concept] >= 0.5).float().mean().item()
                                           for what, concept in wanted.items()}})
     return rows

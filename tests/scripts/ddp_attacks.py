@@ -17,7 +17,7 @@ from stereo.attacks.base import AttackTarget, GenerationSettings, build_attack
 from stereo.attacks.gallery import concept_gallery, encode_images
 from stereo.attacks.inversion import InversionSettings, learn_token
 from stereo.config import ConceptConfig
-from stereo.evaluation.config import AttackConfig
+from stereo.evaluation.config import attack_config
 from stereo.evaluation.fid import reference_stats
 from stereo.models.tiny import tiny_pipeline
 
@@ -78,7 +78,7 @@ def main(out: Path) -> None:
         asked.clear()
         target = AttackTarget(pipe, pipe, CONCEPT, out / "attacks" / name, out / f"gallery-{name}",
                               generation=GenerationSettings(2, 2), progress=False, accelerator=state)
-        attack = build_attack(AttackConfig(name=name, **ATTACK))
+        attack = build_attack(attack_config(name, **ATTACK))
         attack.prepare(target)
         report[name] = {"asked": list(asked), "token": getattr(attack, "token", None)}
         if name == "concept_inversion":

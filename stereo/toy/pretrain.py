@@ -1,6 +1,6 @@
-"""Regenerate every toy model from a seed: detector, CLIP, VAE, UNet -> the committed weights folder.
+"""Pretrain every toy model from a seed: detector, CLIP, VAE, UNet -> the committed weights folder.
 
-    python -m stereo.toy.train [--seed 0] [--out stereo/toy/weights] [--steps-scale 1.0]
+    python -m stereo.toy.pretrain [--seed 0] [--out stereo/toy/weights] [--steps-scale 1.0]
 
 Stages run in order and each is cached in `~/.cache/stereo/toy_work_seed<seed>_scale<scale>/`
 (or `--work`; delete it after changing the code), so a
@@ -26,9 +26,9 @@ from stereo.toy import TOY_WEIGHTS_DIR
 from stereo.toy.clip import clip_retrieval_accuracy, toy_image_processor, train_clip
 from stereo.toy.detector import detector_accuracy, load_detector_net, save_detector, train_detector
 from stereo.toy.diffusion import (
-    assemble_pipeline,
     encode_posterior,
     text_encoder_from_clip,
+    toy_pipeline,
     train_unet,
     train_vae,
     vae_reconstruction_mse,
@@ -37,7 +37,7 @@ from stereo.toy.scenes import generate_scenes, render_all
 
 
 @dataclass(frozen=True)
-class ToyTrainConfig:
+class ToyPretrainConfig:
     """Sizes at --steps-scale 1.0 (about an hour on 2 CPU cores)."""
 
     seed: int = 0
@@ -64,10 +64,10 @@ class ToyTrainConfig:
         }
 
 
-def write_manifest(out: Path, config: ToyTrainConfig, sizes: dict, metrics: dict, unet_steps_done: int) -> None:
+def write_manifest(out: Path, config: ToyPretrainConfig, sizes: dict, metrics: dict, unet_steps_done: int) -> None:
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
-        "command": f"python -m stereo.toy.train --seed {config.seed} --steps-scale {config.steps_scale}",
+        "command": f"python -m stereo.toy.pretrain --seed {config.seed} --steps-scale {config.steps_scale}",
         "seed": config.seed, "config": asdict(config), "steps": sizes,
         "unet_steps_done": unet_steps_done, "complete": unet_steps_done >= sizes["unet_steps"],
         "metrics": metrics, "versions": {**package_versions(), "numpy": np.__version__}, "git_commit": git_commit(),
@@ -76,7 +76,7 @@ def write_manifest(out: Path, config: ToyTrainConfig, sizes: dict, metrics: dict
     write_json_atomic(out / "manifest.json", manifest)
 
 
-def run(config: ToyTrainConfig, out: Path, work: Path, publish_every: int = 500, threads: int = 2) -> dict:
+def run(config: ToyPretrainConfig, out: Path, work: Path, publish_every: int = 500, threads: int = 2) -> dict:
     """All stages; returns the metrics written to the manifest."""
     from diffusers import AutoencoderKL
     from transformers import CLIPModel
@@ -89,7 +89,7 @@ def run(config: ToyTrainConfig, out: Path, work: Path, publish_every: int = 500,
     clock = time.time()
 
     def log(msg: str) -> None:
-        print(f"[train +{(time.time() - clock) / 60:.1f} min] {msg}", flush=True)
+        print(f"[pretrain +{(time.time() - clock) / 60:.1f} min] {msg}", flush=True)
 
     scenes = generate_scenes(sizes["n_scenes"], config.seed)
     images = render_all(scenes)
@@ -131,7 +131,7 @@ def run(config: ToyTrainConfig, out: Path, work: Path, publish_every: int = 500,
             return
         for name in ("pipeline", "clip"):
             shutil.rmtree(out / name, ignore_errors=True)
-        assemble_pipeline(vae, text_encoder, unet).save_pretrained(out / "pipeline", safe_serialization=True)
+        toy_pipeline(vae, text_encoder, unet).save_pretrained(out / "pipeline", safe_serialization=True)
         shutil.copytree(clip_dir, out / "clip")
         shutil.copy(det_path, out / "detector.safetensors")
         shutil.copy(det_path.with_suffix(".json"), out / "detector.json")
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps_scale <= 0:
         raise SystemExit(f"--steps-scale must be > 0, got {args.steps_scale}")
     work = args.work or Path.home() / ".cache" / "stereo" / f"toy_work_seed{args.seed}_scale{args.steps_scale}"
-    run(ToyTrainConfig(seed=args.seed, steps_scale=args.steps_scale), args.out, work, args.publish_every, args.threads)
+    config = ToyPretrainConfig(seed=args.seed, steps_scale=args.steps_scale)
+    run(config, args.out, work, args.publish_every, args.threads)
 
 
 if __name__ == "__main__":
