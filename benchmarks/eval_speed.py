@@ -1,8 +1,8 @@
 """Evaluation speed: images/s of evaluation generation and steps/s of each attack, stereo's batched
 paths vs a plain loop (one prompt at a time, fp32), measured in the same run and printed as ratios.
 
-  python benchmarks/eval_speed.py --model tiny --prompts 8 --steps 10 --threads 1
-  python benchmarks/eval_speed.py --model sd14-random --dtype fp16 --prompts 16 --batch 8   # GPU
+  python -m benchmarks.eval_speed --model tiny --prompts 8 --steps 10 --threads 1
+  python -m benchmarks.eval_speed --model sd14-random --dtype fp16 --prompts 16 --batch 8   # GPU
 
 Generation: `stereo.attacks.base.render` (batched, `--dtype`) vs `pipe(prompt)` per prompt in fp32.
 Attacks: UnlearnDiffAtk and Ring-A-Bell optimise `--prompts` prompts together vs one at a time
@@ -17,8 +17,9 @@ import os
 import tempfile
 from pathlib import Path
 
-import harness
 import torch
+
+from benchmarks import harness
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,18 +55,25 @@ def generation_speed(args, prompts) -> tuple[float, float]:
 def attack_speed(args, name: str, eval_prompts, concept, work: Path) -> tuple[float, float, str]:
     """(rate ours, rate reference, unit) for one attack."""
     from stereo.attacks.base import AttackTarget, GenerationSettings, build_attack, gallery_latents
-    from stereo.evaluation.config import AttackConfig
+    from stereo.evaluation.config import attack_config
 
-    common = dict(name=name, steps=args.attack_steps, gallery_size=4, gallery_steps=args.steps, check_success=False,
-                  project_every=max(1, args.attack_steps // 2), population=16, elite=4, prompt_length=8)
+    gallery = dict(gallery_size=4, gallery_steps=args.steps)
+    budgets = {"concept_inversion": gallery, "soft_prompt": gallery,
+               "unlearndiffatk": dict(**gallery, check_success=False, project_every=max(1, args.attack_steps // 2)),
+               "ring_a_bell": dict(population=16, elite=4, prompt_length=8)}
+    common = dict(steps=args.attack_steps, **budgets[name])
+
+    def batched(prompt_batch: int) -> dict:  # prompts optimised together (the token attacks learn one token)
+        return {"prompt_batch": prompt_batch} if name in ("unlearndiffatk", "ring_a_bell") else {}
 
     def run(dtype: str, prompt_batch: int, tag: str) -> float:
         pipe = load(args.model, dtype)
         target = AttackTarget(pipe, pipe, concept, work / tag, work / "gallery",
                               generation=GenerationSettings(args.steps, args.batch), progress=False)
-        attack = build_attack(AttackConfig(**common, prompt_batch=prompt_batch))
-        gallery_latents(target, attack.settings)  # generated and cached outside the timing
-        warm_up = build_attack(AttackConfig(**{**common, "steps": 1}, prompt_batch=prompt_batch))
+        attack = build_attack(attack_config(name, **common, **batched(prompt_batch)))
+        if name != "ring_a_bell":  # black-box: no gallery
+            gallery_latents(target, attack.settings)  # generated and cached outside the timing
+        warm_up = build_attack(attack_config(name, **{**common, "steps": 1}, **batched(prompt_batch)))
         if name in ("concept_inversion", "soft_prompt"):
             warm_up.prepare(AttackTarget(**{**vars(target), "out_dir": work / f"{tag}-warm-up"}))
             return args.attack_steps / timed(lambda: attack.prepare(target))

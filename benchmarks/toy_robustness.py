@@ -5,8 +5,8 @@ from conf/budget/toy.yaml unless overridden), then evaluate base + erased models
 attack with fixed budgets (`evaluate.py` configs). Aggregates mean ± std over seeds into
 benchmarks/results/toy_robustness.{md,json} with the exact command that produced them.
 
-  python benchmarks/toy_robustness.py --concepts circle,triangle --seeds 0,1,2
-  python benchmarks/toy_robustness.py --concepts circle --seeds 0 --methods esd,stereo --quick   # smoke
+  python -m benchmarks.toy_robustness --concepts circle,triangle --seeds 0,1,2
+  python -m benchmarks.toy_robustness --concepts circle --seeds 0 --methods esd,stereo --quick   # smoke
 
 Finished trainings and evaluation cells are reused, so an interrupted run resumes, and two
 processes may share the work on one `--work` folder (e.g. one per concept) before a last run
@@ -27,10 +27,13 @@ import torch
 
 from stereo.config import compose
 from stereo.evaluation.config import compose_eval
+from stereo.evaluation.metrics import Report
 from stereo.evaluation.runner import evaluate
 from stereo.manifest import build_manifest, write_json_atomic, write_text_atomic
+from stereo.recipes import train
 from stereo.toy import TOY_WEIGHTS_DIR
-from stereo.train import train
+from stereo.toy import detector as toy_detector
+from stereo.toy import features as toy_features
 
 METHODS = ("esd", "reo", "stereo", "stereo_reference")
 ATTACKS = ("none", "concept_inversion", "soft_prompt", "unlearndiffatk", "ring_a_bell")
@@ -75,7 +78,9 @@ def fid_reference(work: Path, n: int = 500) -> Path:
     return folder
 
 
-def evaluate_all(args, runs: dict, work: Path) -> dict:
+def evaluate_all(args, runs: dict, work: Path) -> dict[tuple[str, int], Report]:
+    toy_detector.register()  # detector {name: toy} and metrics.fid.extractor=toy
+    toy_features.register()
     reference = fid_reference(work)
     reports = {}
     for concept in args.concepts:
@@ -177,24 +182,25 @@ def kept_cell(kept: dict) -> str:
     return ", ".join(f"{shape} {100 * statistics.mean(rates):.0f}" for shape, rates in kept.items())
 
 
-def cell_asr(report: dict, model: str, attack: str):
-    for row in report["rows"]:
-        if row["model"] == model and row["attack"] == attack and row["kind"] != "utility" and row.get("asr"):
-            return row["asr"]["asr"]
+def cell_asr(report: Report, model: str, attack: str):
+    for row in report.rows:
+        if row.model == model and row.attack == attack and row.kind != "utility" and row.asr:
+            return row.asr.asr
     return None
 
 
-def cell_metric(report: dict, model: str, key: str):
-    """Utility rate (non-target concept still found) or mean CLIP score of a model's plain-prompt images."""
-    for row in report["rows"]:
-        if row["model"] != model:
+def cell_metric(report: Report, model: str, key: str):
+    """Utility rate (non-target concept still found), mean CLIP score of a model's plain-prompt images, or FID
+    of its non-target (utility) generations against real scenes."""
+    for row in report.rows:
+        if row.model != model:
             continue
-        if key == "utility" and row["kind"] == "utility" and row.get("utility"):
-            return row["utility"]["asr"]
-        if key == "clip_score" and row["attack"] == "none" and row["kind"] != "utility" and row.get("clip_score"):
-            return row["clip_score"]["mean"]
-        if key == "fid" and row["kind"] == "utility" and row.get("fid"):
-            return row["fid"]["fid"]  # FID of the non-target (utility) generations vs real scenes
+        if key == "utility" and row.kind == "utility" and row.utility:
+            return row.utility.asr
+        if key == "clip_score" and row.attack == "none" and row.kind != "utility" and row.clip_score:
+            return row.clip_score.mean
+        if key == "fid" and row.kind == "utility" and row.fid:
+            return row.fid.fid
     return None
 
 

@@ -1,4 +1,6 @@
-"""Detectors: NudeNet wrapper, local image classifier, CLIP zero-shot, OpenAI moderation, registry."""
+"""Detectors: NudeNet wrapper, local image classifier, CLIP zero-shot, OpenAI moderation, registry.
+
+Over 300 lines: every detector's tests together, as they share the registry and the tiny models."""
 
 import base64
 import hashlib
@@ -16,17 +18,11 @@ import torch
 from PIL import Image
 
 from stereo.evaluation import detectors
-from stereo.evaluation.detectors import (
-    NUDENET_EXPOSED_CLASSES,
-    CLIPZeroShotDetector,
-    Detection,
-    Detector,
-    ImageClassifierDetector,
-    NudeNetDetector,
-    build_detector,
-    register_detector,
-)
+from stereo.evaluation import nudenet as nudenet_module
+from stereo.evaluation.classifiers import CLIPZeroShotDetector, ImageClassifierDetector
+from stereo.evaluation.detectors import Detection, Detector, build_detector, detector_factory, register_detector
 from stereo.evaluation.moderation import OpenAIModerationJudge
+from stereo.evaluation.nudenet import NUDENET_EXPOSED_CLASSES, NudeNetDetector
 from tests.conftest import save_tiny_clip
 
 
@@ -123,7 +119,7 @@ def test_nudenet_session_has_explicit_providers_and_threads(monkeypatch):
 
 
 def test_nudenet_threads_default_to_cores_per_local_process(monkeypatch):
-    monkeypatch.setattr(detectors, "available_cores", lambda: 16)
+    monkeypatch.setattr(nudenet_module, "available_cores", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert NudeNetDetector().threads == 4
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
@@ -281,8 +277,31 @@ def test_openai_moderation_missing_key_and_bad_category(monkeypatch):
 def test_build_detector_unknown_name_lists_valid_ones():
     with pytest.raises(ValueError) as error:
         build_detector("nudnet")
-    for name in ["nudenet", "image_classifier", "clip_zero_shot", "openai_moderation", "toy"]:
+    for name in ["nudenet", "image_classifier", "clip_zero_shot", "openai_moderation"]:
         assert name in str(error.value)
+    assert "stereo.toy.detector.register()" in str(error.value)  # how to add the toy world's
+
+
+def test_a_run_may_bring_its_own_detectors_without_registering_them():
+    class Never(Detector):
+        def detect(self, images):
+            return Detection([0.0] * len(images), [False] * len(images))
+
+    assert detector_factory("never", {"never": Never}) is Never
+    assert detector_factory("nudenet", {"never": Never}) is NudeNetDetector  # the registered ones stay visible
+    assert "never" not in detectors.DETECTORS
+
+
+def test_the_toy_detector_is_registered_explicitly_and_once(monkeypatch):
+    from stereo.toy import detector as toy_detector
+
+    monkeypatch.setattr(detectors, "DETECTORS", dict(detectors.DETECTORS))
+    detectors.DETECTORS.pop("toy", None)
+    with pytest.raises(ValueError, match="Unknown detector 'toy'"):  # importing stereo.toy registers nothing
+        build_detector("toy", concept="circle")
+    toy_detector.register()
+    toy_detector.register()  # idempotent
+    assert build_detector("toy", concept="circle").concept == "circle"
 
 
 def test_register_detector_and_lazy_module(monkeypatch, tmp_path):

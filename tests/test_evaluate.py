@@ -1,10 +1,14 @@
 """`evaluate(cfg)` end to end on the tiny model with the real configs: report files, resume, image
-folders, erased-UNet / export loading, CLIP + FID wiring, and the errors a user can hit."""
+folders, erased-UNet / export loading, CLIP + FID wiring, and the errors a user can hit.
+
+Over 300 lines: one behaviour per test, most of them reading one shared end-to-end evaluation."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +18,20 @@ import pytest
 import torch
 from PIL import Image
 
-import stereo.evaluation.runner as runner
+import stereo.evaluation.cells as cells
 from stereo.attacks.inversion import load_token
-from stereo.evaluation.config import compose_eval
-from stereo.evaluation.detectors import DETECTORS, Detection, Detector, register_detector
+from stereo.evaluation.config import compose_eval, evaluated_models
+from stereo.evaluation.detectors import Detection, Detector
 from stereo.evaluation.fid import fid_from_features
+from stereo.evaluation.inputs import load_evaluated
+from stereo.evaluation.metrics import MetricSet, Report, ResultRow
 from stereo.evaluation.prompts import PromptFileError
-from stereo.evaluation.runner import apply_export, evaluate, load_evaluated
+from stereo.evaluation.runner import evaluate
+from stereo.export import apply_export
 from stereo.models.tiny import tiny_unet
 
 ROOT = Path(__file__).resolve().parent.parent
+
 
 class Brightness(Detector):
     """Stub concept detector for random models: score = mean grey level, flag = score >= threshold."""
@@ -41,9 +49,7 @@ class Brightness(Detector):
         return {"name": self.name, "threshold": self.threshold}
 
 
-if "brightness" not in DETECTORS:
-    register_detector("brightness")(Brightness)
-
+STUBS = {"brightness": Brightness}  # this file's detector, given to each run (the registry stays as it is)
 FAST = ["generation.steps=2", "generation.max_prompts=2", "generation.batch_size=4", "progress=false", "concept=circle"]
 STUB = "detector={name: brightness, threshold: 0.5}"
 
@@ -53,6 +59,10 @@ def make_cfg(tmp_path, *extra):
     return compose_eval([*FAST, *detector, f"output_dir={tmp_path / 'eval'}", *extra])
 
 
+def run(cfg, **plugins) -> Report:
+    return evaluate(cfg, detectors=STUBS, **plugins)
+
+
 def save_erased_unet(path: Path) -> dict:
     torch.manual_seed(1)
     state = tiny_unet().state_dict()
@@ -60,8 +70,12 @@ def save_erased_unet(path: Path) -> dict:
     return state
 
 
-def test_two_models_two_attacks_write_a_report_and_resume(tmp_path, monkeypatch):
-    erased = save_erased_unet(tmp_path / "erased.pt")
+# --- one evaluation of two models under two attacks (run once, read by the tests below) ----------------
+@pytest.fixture(scope="module")
+def two_by_two(tmp_path_factory):
+    """base + an erased UNet, under none + ring_a_bell, with a utility row; how often Ring-A-Bell searched."""
+    tmp_path = tmp_path_factory.mktemp("two_by_two")
+    save_erased_unet(tmp_path / "erased.pt")
     cfg = make_cfg(tmp_path, "attack=[none,ring_a_bell]", f"+models.erased.unet_weights={tmp_path / 'erased.pt'}",
                    "attacks.ring_a_bell.steps=2", "attacks.ring_a_bell.population=6", "attacks.ring_a_bell.elite=2",
                    "metrics.utility_prompts=square", "metrics.utility_detector={name: brightness, threshold: 0.3}")
@@ -69,21 +83,36 @@ def test_two_models_two_attacks_write_a_report_and_resume(tmp_path, monkeypatch)
 
     searched = []
     search = RingABell.search
-    monkeypatch.setattr(RingABell, "search", lambda self, *a: searched.append(1) or search(self, *a))
-    report = evaluate(cfg)
-    out = Path(cfg.output_dir)
-    assert len(searched) == 1  # black-box: one search (base text encoder only) serves both models
-    base_found = (out / "attacks/base/ring_a_bell/prompts.jsonl").read_text()
-    assert base_found == (out / "attacks/erased/ring_a_bell/prompts.jsonl").read_text()
-    rows = {(r["model"], r["attack"]): r for r in report["rows"]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RingABell, "search", lambda self, *a: searched.append(1) or search(self, *a))
+        report = run(cfg)
+    return cfg, report, Path(cfg.output_dir), len(searched)
+
+
+def finished_copy(two_by_two, tmp_path):
+    """The finished evaluation copied to `tmp_path` (for tests that resume it) and its config there."""
+    cfg, report, out, _ = two_by_two
+    shutil.copytree(out, tmp_path / "eval")
+    cfg = copy.deepcopy(cfg)
+    cfg.output_dir = str(tmp_path / "eval")
+    return cfg, report, tmp_path / "eval"
+
+
+def test_every_model_attack_pair_is_a_row_with_n_and_an_interval(two_by_two):
+    _, report, out, _ = two_by_two
+    rows = {(r.model, r.attack): r for r in report.rows}
     assert set(rows) == {(m, a) for m in ("base", "erased") for a in ("none", "ring_a_bell", "utility")}
-    assert rows["base", "none"]["stage"] == "pre_attack" and rows["erased", "ring_a_bell"]["stage"] == "post_attack"
+    assert rows["base", "none"].stage == "pre_attack" and rows["erased", "ring_a_bell"].stage == "post_attack"
     for (model, attack), row in rows.items():
-        rate = row["utility"] if attack == "utility" else row["asr"]
         flags = [json.loads(p.read_text())["flag"] for p in (out / "cells" / model / attack).glob("0*.json")]
-        assert row["n"] == rate["n"] == 2 and rate["successes"] == sum(flags)
-        assert rate["ci_low"] <= rate["asr"] <= rate["ci_high"]
+        assert row.n == row.rate.n == 2 and row.rate.successes == sum(flags)
+        assert row.rate.ci_low <= row.rate.asr <= row.rate.ci_high
+
+
+def test_the_report_files_record_the_numbers_and_how_they_were_made(two_by_two):
+    _, report, out, _ = two_by_two
     on_disk = json.loads((out / "report.json").read_text())
+    assert Report.from_json(on_disk) == report
     assert on_disk["manifest"]["detector"] == {"name": "brightness", "threshold": 0.5}
     assert on_disk["manifest"]["prompts"]["seeds"] == [1000, 1001]  # circle.csv's evaluation_seed column
     assert on_disk["manifest"]["attacks"]["ring_a_bell"]["budget"]["steps"] == 2
@@ -91,29 +120,54 @@ def test_two_models_two_attacks_write_a_report_and_resume(tmp_path, monkeypatch)
                  "attacks/base/ring_a_bell/prompts.jsonl", "attacks/erased/ring_a_bell/prompts.txt"):
         assert (out / name).is_file(), name
     assert "| erased | ring_a_bell | post_attack |" in (out / "report.md").read_text()
-    # the erased UNet really was evaluated: its weights differ from the base model's, so do its images
+
+
+def test_the_erased_unet_is_the_one_evaluated(two_by_two):
+    _, _, out, _ = two_by_two
     base_image = np.asarray(Image.open(out / "images/base/none/00000.png"))
     erased_image = np.asarray(Image.open(out / "images/erased/none/00000.png"))
-    assert not np.array_equal(base_image, erased_image) and erased
+    assert not np.array_equal(base_image, erased_image)
 
-    # resume: every (model, attack, prompt) cell is finished, so nothing is attacked or generated again
-    def refuse(*args, **kwargs):
-        raise AssertionError("a finished cell was generated again")
 
-    monkeypatch.setattr(runner, "render", refuse)
-    assert [r["asr" if r["kind"] == "concept" else "utility"] for r in evaluate(cfg)["rows"]] == \
-           [r["asr" if r["kind"] == "concept" else "utility"] for r in report["rows"]]
-    # ... and a lost cell is the only one redone
-    (out / "cells/erased/none/00001.json").unlink()
-    rendered = []
-    monkeypatch.setattr(runner, "render", lambda pipe, items, gen: rendered.extend(items) or
-                        [Image.new("RGB", (32, 32))] * len(items))
-    evaluate(cfg)
-    assert [(a.index, a.text) for a in rendered] == [(1, "a green circle")]
-    # a resumed run must ask the same question: another budget for a finished cell is an error
-    cfg.attacks.ring_a_bell.steps = 3
+def test_one_black_box_search_serves_every_model(two_by_two):
+    """Ring-A-Bell reads only the base text encoder: one search, the same attacked prompts for both models."""
+    _, _, out, searched = two_by_two
+    assert searched == 1
+    assert (out / "attacks/base/ring_a_bell/prompts.jsonl").read_text() == \
+        (out / "attacks/erased/ring_a_bell/prompts.jsonl").read_text()
+
+
+def result_times(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("0*.json")}
+
+
+def test_resuming_a_finished_evaluation_redoes_nothing(two_by_two, tmp_path):
+    cfg, report, out = finished_copy(two_by_two, tmp_path)
+    before = result_times(out)
+    again = run(cfg)
+    assert result_times(out) == before  # no (model, attack, prompt) result was written again
+    assert [r.rate for r in again.rows] == [r.rate for r in report.rows]
+
+
+def test_resuming_redoes_only_a_lost_prompt(two_by_two, tmp_path):
+    cfg, _, out = finished_copy(two_by_two, tmp_path)
+    lost = out / "cells/erased/none/00001.json"
+    kept = json.loads(lost.read_text())
+    lost.unlink()
+    before = result_times(out)
+    run(cfg)
+    after = result_times(out)
+    assert set(after) == set(before) | {lost}
+    assert {path: time for path, time in after.items() if path != lost} == before
+    redone = json.loads(lost.read_text())
+    assert {**redone, "seconds": 0} == {**kept, "seconds": 0}  # the same seed: the same image, score, decision
+
+
+def test_resuming_with_another_budget_is_an_error(two_by_two, tmp_path):
+    cfg, _, _ = finished_copy(two_by_two, tmp_path)
+    cfg.attacks.ring_a_bell.steps = 3  # a resumed run must ask the same question
     with pytest.raises(ValueError, match="evaluated with other settings"):
-        evaluate(cfg)
+        run(cfg)
 
 
 def write_images(folder: Path, greys: list[int], prompts: list[str] | None = None) -> None:
@@ -150,36 +204,38 @@ def tiny_clip_folder(path: Path) -> Path:
 def test_image_folder_is_scored_as_it_is_with_clip_and_fid(tmp_path, monkeypatch):
     write_images(tmp_path / "mllm", [250, 10, 240], ["a circle", "a square", "a red circle"])
     write_images(tmp_path / "real", [120, 130, 90, 200])
-    monkeypatch.setattr(runner, "fid_extractor", lambda name, weights, device: MeanColour())
     monkeypatch.setattr("stereo.models.loading.load_pipeline", lambda *a: pytest.fail("no model is needed"))
     cfg = make_cfg(tmp_path, "~models.base", f"+models.mllm.images={tmp_path / 'mllm'}",
-                   f"metrics.clip_path={tiny_clip_folder(tmp_path / 'clip')}", "metrics.fid.extractor=toy",
+                   f"metrics.clip_path={tiny_clip_folder(tmp_path / 'clip')}", "metrics.fid.extractor=mean-colour",
                    f"metrics.fid.reference_dir={tmp_path / 'real'}")
-    (row,) = evaluate(cfg)["rows"]
-    assert (row["model"], row["attack"], row["stage"]) == ("mllm", "images", "pre_attack")
-    assert (row["asr"]["successes"], row["asr"]["n"]) == (2, 3)
-    assert row["clip_score"]["n"] == 3 and 0 <= row["clip_score"]["mean"] <= 100
+    (row,) = run(cfg, feature_extractors={"mean-colour": lambda weights, device: MeanColour()}).rows
+    assert (row.model, row.attack, row.stage) == ("mllm", "images", "pre_attack")
+    assert (row.asr.successes, row.asr.n) == (2, 3)
+    assert row.clip_score.n == 3 and 0 <= row.clip_score.mean <= 100
     features = MeanColour()
     fake = features([Image.new("RGB", (4, 4), (g, g, g)) for g in (250, 10, 240)])
     real = features([Image.new("RGB", (4, 4), (g, g, g)) for g in (120, 130, 90, 200)])
-    assert row["fid"]["fid"] == pytest.approx(fid_from_features(fake, real))
-    assert (row["fid"]["n_generated"], row["fid"]["n_reference"]) == (3, 4)
-    # without .txt prompts, images pair with the prompt set in order, so the counts must agree
+    assert row.fid.fid == pytest.approx(fid_from_features(fake, real))
+    assert (row.fid.n_generated, row.fid.n_reference) == (3, 4)
+
+
+def test_an_image_folder_without_prompt_files_must_match_the_prompt_set(tmp_path):
+    """Without .txt prompts, images pair with the prompt set in order, so the counts must agree."""
     write_images(tmp_path / "unnamed", [250, 10, 240])
     with pytest.raises(ValueError, match="holds 3 images but the prompt set has 2"):
-        evaluate(make_cfg(tmp_path, "~models.base", f"+models.x.images={tmp_path / 'unnamed'}"))
+        run(make_cfg(tmp_path, "~models.base", f"+models.x.images={tmp_path / 'unnamed'}"))
 
 
 def test_erased_unets_load_in_every_format(tmp_path):
     expected = save_erased_unet(tmp_path / "erased.pt")
     cfg = make_cfg(tmp_path, f"+models.pt.unet_weights={tmp_path / 'erased.pt'}")
-    pipe = load_evaluated(cfg.base, runner.evaluated_models(cfg)["pt"], "cpu")
+    pipe = load_evaluated(cfg.base, evaluated_models(cfg)["pt"], "cpu")
     assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in expected.items())
     folder = tmp_path / "export"
     unet = tiny_unet()
     unet.load_state_dict(expected)
     unet.save_pretrained(folder / "unet")
-    fresh = load_evaluated(cfg.base, runner.evaluated_models(cfg)["base"], "cpu")
+    fresh = load_evaluated(cfg.base, evaluated_models(cfg)["base"], "cpu")
     assert apply_export(fresh, folder) == "unet"
     assert all(torch.equal(v, fresh.unet.state_dict()[k]) for k, v in expected.items())
     with pytest.raises(Exception, match="not a stereo export folder"):
@@ -190,7 +246,7 @@ def test_erased_unets_load_in_every_format(tmp_path):
     delta = {k: v for k, v in expected.items() if "attn2" in k}
     (tmp_path / "delta_export").mkdir()
     save_file(delta, str(tmp_path / "delta_export" / "delta.safetensors"))
-    plain = load_evaluated(cfg.base, runner.evaluated_models(cfg)["base"], "cpu")
+    plain = load_evaluated(cfg.base, evaluated_models(cfg)["base"], "cpu")
     assert apply_export(plain, tmp_path / "delta_export") == "delta"
     state = plain.unet.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in delta.items())
@@ -202,7 +258,7 @@ def test_textual_inversion_files_load_into_the_evaluated_model(tmp_path):
 
     path = save_token(LearnedToken("<adv>", torch.randn(2, 64)), tmp_path / "adv.safetensors")
     cfg = make_cfg(tmp_path, f"+models.ti.textual_inversion=[{path}]")
-    pipe = load_evaluated(cfg.base, runner.evaluated_models(cfg)["ti"], "cpu")
+    pipe = load_evaluated(cfg.base, evaluated_models(cfg)["ti"], "cpu")
     ids = pipe.tokenizer.convert_tokens_to_ids(["<adv>", "<adv>_1"])
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids], load_token(path).vectors)
 
@@ -213,7 +269,6 @@ def test_textual_inversion_files_load_into_the_evaluated_model(tmp_path):
     (["detector={{name: image_classifier, model_path: {tmp}/resnet, target_ids: [1]}}"], FileNotFoundError,
      "No image-classifier folder"),
     (["detector={{name: artist_net}}"], ValueError, "valid detectors"),
-    (["attacks.none.name=p4d"], ValueError, "choose one of none, concept_inversion"),
     (["+models.esd.unet_weigths=x.pt"], ValueError, "valid keys"),
 ])
 def test_user_errors_are_clear_and_come_before_any_generation(tmp_path, overrides, error, message):
@@ -221,7 +276,7 @@ def test_user_errors_are_clear_and_come_before_any_generation(tmp_path, override
     bad.write_text('prompt,evaluation_seed\na circle,1\n"a square,2,3\n')
     overrides = [o.format(bad=bad, tmp=tmp_path) for o in overrides]
     with pytest.raises(error, match=message):
-        evaluate(make_cfg(tmp_path, *overrides))
+        run(make_cfg(tmp_path, *overrides))
     assert not (tmp_path / "eval" / "images").exists()
 
 
@@ -230,6 +285,22 @@ def test_unknown_attack_group_is_a_compose_error(tmp_path):
 
     with pytest.raises(MissingConfigException, match="attack/p4d"):
         make_cfg(tmp_path, "attack=[p4d]")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("attacks.ring_a_bell.gallery_size=3", "Key 'gallery_size' not in 'RingABellConfig'"),  # another attack's field
+    ("attacks.ring_a_bell.name=p4d", "expected one of \\[none, concept_inversion"),
+])
+def test_each_attack_is_checked_against_its_own_schema_at_compose_time(tmp_path, override, message):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=message):
+        make_cfg(tmp_path, "attack=[none,ring_a_bell]", override)
+
+
+def test_an_attack_renamed_to_another_attack_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="attacks.none: attack name 'ring_a_bell' does not fit the NoAttackConfig"):
+        run(make_cfg(tmp_path, "attacks.none.name=ring_a_bell"))
 
 
 def test_cli_shim_composes_the_evaluation_config(tmp_path):
@@ -269,25 +340,31 @@ def test_attacks_find_the_concept_on_the_toy_base_model(tmp_path):
                         "attacks.ring_a_bell.steps=20", "attacks.ring_a_bell.eta=1.0",
                         "attacks.concept_inversion.steps=100", "attacks.concept_inversion.gallery_size=8",
                         "attacks.concept_inversion.gallery_steps=20", f"output_dir={tmp_path / 'eval'}"])
-    rows = {r["attack"]: r["asr"]["asr"] for r in evaluate(cfg)["rows"]}
+    from stereo.toy.detector import ToyDetector
+
+    rows = {r.attack: r.asr.asr for r in evaluate(cfg, detectors={"toy": ToyDetector}).rows}
     assert rows["none"] >= 0.75 and rows["ring_a_bell"] >= 0.5 and rows["concept_inversion"] >= 0.5
 
 
 def test_tradeoff_points_take_the_worst_attack_and_the_utility_row():
+    from stereo.evaluation.asr import attack_success_rate
+    from stereo.evaluation.metrics import ClipSummary
     from stereo.evaluation.report import model_points, tradeoff_plot
 
     def row(model, attack, kind, asr=None, clip=None):
-        rate = {"asr": asr} if asr is not None else None
-        return {"model": model, "attack": attack, "attack_name": "none" if attack == "utility" else attack,
-                "kind": kind, "asr" if kind == "concept" else "utility": rate,
-                "clip_score": {"mean": clip} if clip is not None else None, "fid": None}
+        rate = attack_success_rate([True] * round(10 * asr) + [False] * round(10 - 10 * asr), "pre_attack")
+        return ResultRow(model, attack, "utility" if attack == "utility" else attack, kind, 10, None, 0.0,
+                         ClipSummary(clip, 0.0, 10, "clip") if clip is not None else None, None,
+                         "utility" if kind == "utility" else "pre_attack",
+                         asr=rate if kind == "concept" else None, utility=rate if kind == "utility" else None)
 
     rows = [row("base", "none", "concept", 0.9, clip=30.0), row("base", "ring_a_bell", "concept", 1.0),
             row("esd", "none", "concept", 0.1, clip=25.0), row("esd", "ring_a_bell", "concept", 0.6),
             row("esd", "utility", "utility", 0.8, clip=28.0)]
-    points = model_points({"rows": rows})
+    report = Report("circle", {}, rows)
+    points = model_points(report)
     assert points == {"base": {"asr": 100.0, "clip": 30.0}, "esd": {"asr": 60.0, "clip": 28.0, "utility": 80.0}}
-    assert tradeoff_plot({"rows": rows}).size == (420, 320)  # one panel: only CLIP is known for both models
+    assert tradeoff_plot(report).size == (420, 320)  # one panel: only CLIP is known for both models
 
 
 def test_collectives_wait_dist_timeout_minutes(tmp_path):
@@ -295,10 +372,10 @@ def test_collectives_wait_dist_timeout_minutes(tmp_path):
     from datetime import timedelta
 
     assert make_cfg(tmp_path).dist_timeout_minutes == 60
-    run = runner.Evaluation(make_cfg(tmp_path, "dist_timeout_minutes=90"))
-    assert run.accelerator.init_handler.timeout == timedelta(minutes=90)
+    evaluation = cells.Evaluation(make_cfg(tmp_path, "dist_timeout_minutes=90"), STUBS)
+    assert evaluation.accelerator.init_handler.timeout == timedelta(minutes=90)
     with pytest.raises(ValueError, match="dist_timeout_minutes=0 must be >= 1"):
-        evaluate(make_cfg(tmp_path, "dist_timeout_minutes=0"))
+        run(make_cfg(tmp_path, "dist_timeout_minutes=0"))
 
 
 def test_clip_and_fid_run_on_the_run_device(tmp_path, monkeypatch):
@@ -316,7 +393,7 @@ def test_clip_and_fid_run_on_the_run_device(tmp_path, monkeypatch):
                    f"metrics.fid.reference_dir={tmp_path / 'real'}")
     accelerator = SimpleNamespace(device=torch.device("meta"), is_main_process=True, process_index=0,
                                   num_processes=1)
-    metrics = runner.MetricSet.from_config(cfg, tmp_path, accelerator)
+    metrics = MetricSet.from_config(cfg, tmp_path, accelerator)
     assert placed["clip"] == torch.device("meta")
     assert metrics.extractor.device == torch.device("meta")
     assert next(metrics.extractor.model.parameters()).device == torch.device("meta")

@@ -102,10 +102,10 @@ def test_evaluate_every_attack_on_base_and_export(sd14_rehearsal_dir, erased, tm
                                     f"+models.mllm.images={images}", f"metrics.clip_path={clip}",
                                     "metrics.utility_prompts=church", f"output_dir={out}"]))
     assert_report(out, processes=1)
-    rows = {(r["model"], r["attack"]): r for r in report["rows"]}
-    assert rows[("mllm", "images")]["n"] == 2
-    assert all(rows[(m, "none")]["clip_score"] for m in MODELS)
-    assert {r["model"] for r in report["rows"] if r["kind"] == "utility"} == set(MODELS)
+    rows = {(r.model, r.attack): r for r in report.rows}
+    assert rows[("mllm", "images")].n == 2
+    assert all(rows[(m, "none")].clip_score for m in MODELS)
+    assert {r.model for r in report.rows if r.kind == "utility"} == set(MODELS)
 
 
 @pytest.mark.slow

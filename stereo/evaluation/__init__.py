@@ -1,10 +1,14 @@
-"""Evaluation: attacks, concept detectors, attack success rate, CLIP score, FID, reports.
+"""Evaluation: erased models under attack, scored by concept detectors, ASR, CLIP score, FID, reports.
 
-- `detectors`: the Detector interface, `build_detector` / `register_detector`, NudeNet, image
-  classifier, CLIP zero-shot; `moderation`: the optional OpenAI moderation judge.
-- `asr`: attack success rate with N and a 95% Wilson interval, pre- or post-attack.
-- `clip_score`: 100 * max(cos(image, text), 0) with a local CLIPModel.
-- `fid`: Fréchet distance, `FeatureStats` caching, the feature-extractor interface;
-  `inception`: the FID Inception-v3 network (local, sha256-checked weights).
-- `prompts`: I2P-style prompt sets and the built-in sets in `prompt_sets/`.
+One run (`runner.evaluate(cfg)`, from `python evaluate.py`), in the order it happens:
+- `config`: the typed schemas (one per attack) and their checks; `inputs`: the concept, prompts,
+  detectors and evaluated models (our exports are read by `stereo.load_export`);
+- `cells`: the cell loop, attack -> generate -> detect -> save, per (model, attack); `layout`: where
+  each result lives on disk and the resume checks;
+- `metrics`: one typed `ResultRow` per cell (ASR, CLIP, FID, time), the `Report`;
+  `report`: report.json / report.md / grids / trade-off plot, formatted from those rows.
+Building blocks: `detectors` (interface + registry; `nudenet`, `classifiers`, `moderation`), `asr`
+(N and a 95% Wilson interval), `clip_score`, `fid` (+ `inception`), `prompts` (prompt sets).
+Other packages add detectors and FID feature spaces by name (`register_detector`,
+`register_feature_extractor`), e.g. the toy world's: evaluation never imports them.
 """

@@ -36,18 +36,24 @@ class CLIPScoreResult:
         return asdict(self)
 
 
+def local_model_folder(path: str | Path, what: str, example: str = "") -> Path:
+    """`path` if it holds a saved transformers model, else a FileNotFoundError saying how to make one offline."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"No {what} folder at {folder} (expected config.json, weights and preprocessor files). Models are "
+            f"never downloaded here: save one with `save_pretrained(dir)`{example} on a machine with network "
+            "and point the config at that folder."
+        )
+    return folder
+
+
 def load_clip(path: str | Path, device: str | torch.device = "cpu"):
     """`(CLIPModel, CLIPProcessor)` from a local folder (model weights, config, tokenizer, preprocessor)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"No CLIP model folder at {folder} (expected config.json, weights, tokenizer and "
-            "preprocessor files). Copy a CLIPModel there, e.g. `CLIPModel.from_pretrained("
-            "'openai/clip-vit-large-patch14').save_pretrained(dir)` plus its CLIPProcessor, on a "
-            "machine with network, and point the config at that folder."
-        )
+    folder = local_model_folder(path, "CLIP model", " (e.g. openai/clip-vit-large-patch14's CLIPModel and "
+                                "CLIPProcessor)")
     model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
     processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     return model, processor

@@ -28,7 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from stereo.attacks.parallel import gather_or_raise, is_main, on_main, rank_and_world
+from stereo.generation import open_rgb
+from stereo.parallel import gather_or_raise, is_main, on_main, rank_and_world
 
 IMPLEMENTATION = "stereo-fid v1 (float64, eigh square roots, nuclear norm of S_a^1/2 S_b^1/2)"
 STATS_SUFFIXES = (".npz", ".safetensors")
@@ -147,12 +148,6 @@ def files_hash(paths: Sequence[str | Path]) -> str:
         digest.update(path.name.encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
-
-
-def open_rgb(path: str | Path) -> Image.Image:
-    """The image at `path` in RGB, its file closed (also the concept galleries' reader)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def reference_stats(

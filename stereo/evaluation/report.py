@@ -1,110 +1,50 @@
 """The evaluation report: report.json (every number + manifest), report.md, PNG grids, trade-off plot.
 
-Rows are (model, attack) cells. A concept row carries ASR (pre-attack for `none` and image
-folders, post-attack otherwise) with N and a 95% Wilson interval, the mean detector score,
-CLIP score and FID of its images (when configured) and the seconds spent. A `utility` row
-(non-target prompts, `metrics.utility_prompts`) carries the rate at which the utility detector
-still finds its concept (higher is better) instead of an ASR.
+It only formats: the rows are `stereo.evaluation.metrics.ResultRow`s, computed by the metrics step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
 
-from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
-from stereo.evaluation.asr import attack_success_rate
-from stereo.evaluation.layout import Cell
+from stereo.evaluation.asr import ASRResult
+from stereo.evaluation.metrics import PRE_ATTACK_ROWS, Report
 from stereo.generation import image_grid
-from stereo.manifest import build_manifest, write_json_atomic
-
-PRE_ATTACK_ROWS = ("none", "images")
+from stereo.manifest import write_json_atomic
 
 
-def stage_of(attack_name: str) -> str:
-    return "pre_attack" if attack_name in PRE_ATTACK_ROWS else "post_attack"
-
-
-def build_report(run, cells: list[tuple[str, str, str]], metrics) -> dict[str, Any]:
-    """Every number of the run, read back from the per-prompt results on disk, plus the manifest."""
-    from stereo.attacks.base import build_attack
-
-    cfg = run.cfg
-    rows = [cell_row(run, Cell(model, attack, run.out), kind, metrics) for model, attack, kind in cells]
-    attacks = {key: build_attack(settings).describe() for key, settings in cfg.attacks.items()}
-    manifest = build_manifest(
-        OmegaConf.to_container(cfg, resolve=True), int(cfg.seed),
-        concept=run.concept.name, detector=run.detector.describe(),
-        utility_detector=run.utility_detector.describe() if run.utility_detector else None,
-        attacks=attacks, prompts={"source": run.prompt_source, "n": len(run.prompts),
-                                  "seeds": [p.seed for p in run.prompts],
-                                  "guidance": [p.guidance for p in run.prompts]},
-        generation=OmegaConf.to_container(cfg.generation), processes=run.accelerator.num_processes,
-        metrics={"clip_model": metrics.clip_name,
-                 "fid_extractor": getattr(metrics.extractor, "name", None),
-                 "fid_reference_n": metrics.reference.n if metrics.reference is not None else None},
-    )
-    return {"manifest": manifest, "concept": run.concept.name, "rows": rows}
-
-
-def cell_row(run, cell, kind: str, metrics) -> dict[str, Any]:
-    results = cell.results()
-    if cell.attack != "images":  # results of prompts beyond this run's max_prompts stay on disk, out of the numbers
-        prompts = run.utility_prompts if kind == "utility" else run.prompts
-        results = [r for r in results if r["index"] < len(prompts)]
-    attack_name = cell.attack if cell.attack in ("images", "utility") else run.cfg.attacks[cell.attack].name
-    flags = [r["flag"] for r in results]
-    images = [Image.open(run.out / r["image"]).convert("RGB") for r in results]
-    known = [(im, r["prompt"]) for im, r in zip(images, results) if r["prompt"]]
-    row: dict[str, Any] = {
-        "model": cell.model, "attack": cell.attack, "attack_name": attack_name, "kind": kind, "n": len(results),
-        "mean_score": sum(r["score"] for r in results) / len(results) if results else None,
-        "seconds": sum(r["seconds"] for r in results),
-        "clip_score": metrics.clip_score([im for im, _ in known], [p for _, p in known]),
-        "fid": metrics.fid(images),
-    }
-    if kind == "utility":
-        row["stage"] = "utility"
-        row["utility"] = attack_success_rate(flags, "pre_attack").to_dict() if flags else None
-    else:
-        row["stage"] = stage_of(attack_name)
-        row["asr"] = attack_success_rate(flags, row["stage"]).to_dict() if flags else None
-        if any("success_during_attack" in r["info"] for r in results):
-            row["success_during_attack"] = sum(bool(r["info"].get("success_during_attack")) for r in results)
-    return row
-
-
-def write_report(report: dict[str, Any], run) -> None:
-    out = run.out
-    write_json_atomic(out / "report.json", report)
+def write_report(report: Report, out: Path, grid_prompts: int) -> None:
+    """report.json, report.md, one grid per attack (`grid_prompts` columns), the trade-off plot (several models)."""
+    write_json_atomic(out / "report.json", report.to_json())
     (out / "report.md").write_text(markdown(report), encoding="utf-8")
-    for attack in sorted({r["attack"] for r in report["rows"] if r["kind"] == "concept"}):
-        grid = comparison_grid(run, report, attack)
+    for attack in sorted({r.attack for r in report.rows if r.kind == "concept"}):
+        grid = comparison_grid(out, report, attack, grid_prompts)
         if grid is not None:
             grid.save(out / f"grid_{attack}.png")
-    if len({r["model"] for r in report["rows"]}) > 1:
+    if len({r.model for r in report.rows}) > 1:
         plot = tradeoff_plot(report)
         if plot is not None:
             plot.save(out / "tradeoff.png")
 
 
 # --- markdown ---------------------------------------------------------------------------------
-def _percent(result: dict | None) -> str:
+def _percent(result: ASRResult | None) -> str:
     if not result:
         return "–"
-    return f"{100 * result['asr']:.1f} ({100 * result['ci_low']:.1f}–{100 * result['ci_high']:.1f})"
+    return f"{100 * result.asr:.1f} ({100 * result.ci_low:.1f}–{100 * result.ci_high:.1f})"
 
 
 def _number(value: float | None, digits: int = 2) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    manifest = report["manifest"]
+def markdown(report: Report) -> str:
+    manifest = report.manifest
     lines = [
-        f"# Evaluation: concept `{report['concept']}`", "",
+        f"# Evaluation: concept `{report.concept}`", "",
         f"Detector: `{manifest['detector']}`  ", f"Prompts: {manifest['prompts']['source']} "
         f"(N = {manifest['prompts']['n']}), {manifest['processes']} process(es), "
         f"created {manifest['created']}, commit {manifest['git_commit']}.", "",
@@ -113,16 +53,15 @@ def markdown(report: dict[str, Any]) -> str:
         "| model | attack | stage | ASR / utility % (95% CI) | N | CLIP score | FID | time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for row in report["rows"]:
-        clip = row["clip_score"]["mean"] if row["clip_score"] else None
-        fid = row["fid"]["fid"] if row["fid"] else None
-        rate = row.get("asr") if row["kind"] == "concept" else row.get("utility")
-        lines.append(f"| {row['model']} | {row['attack']} | {row['stage']} | {_percent(rate)} | {row['n']} | "
-                     f"{_number(clip)} | {_number(fid)} | {_number(row['seconds'], 1)} |")
-    fid_rows = [r["fid"] for r in report["rows"] if r["fid"]]
+    for row in report.rows:
+        clip = row.clip_score.mean if row.clip_score else None
+        fid = row.fid.fid if row.fid else None
+        lines.append(f"| {row.model} | {row.attack} | {row.stage} | {_percent(row.rate)} | {row.n} | "
+                     f"{_number(clip)} | {_number(fid)} | {_number(row.seconds, 1)} |")
+    fid_rows = [r.fid for r in report.rows if r.fid]
     if fid_rows:
-        lines += ["", f"FID: {fid_rows[0]['implementation']}, extractor {fid_rows[0]['extractor']}, "
-                      f"reference N = {fid_rows[0]['n_reference']}; numbers from other FID implementations "
+        lines += ["", f"FID: {fid_rows[0].implementation}, extractor {fid_rows[0].extractor}, "
+                      f"reference N = {fid_rows[0].n_reference}; numbers from other FID implementations "
                       "are not comparable."]
     return "\n".join(lines) + "\n"
 
@@ -135,18 +74,17 @@ def _labelled(image: Image.Image, label: str, width: int = 96) -> Image.Image:
     return canvas
 
 
-def comparison_grid(run, report: dict[str, Any], attack: str) -> Image.Image | None:
-    """One row per model (image folders join the `none` grid), the same first prompts in every row."""
-    rows = [r for r in report["rows"] if r["attack"] == attack or (attack == "none" and r["attack"] == "images")]
-    columns = int(run.cfg.generation.grid_prompts)
+def comparison_grid(out: Path, report: Report, attack: str, columns: int) -> Image.Image | None:
+    """One row per model (image folders join the `none` grid), the same first `columns` prompts in every row."""
+    rows = [r for r in report.rows if r.attack == attack or (attack == "none" and r.attack == "images")]
     strips = []
     for row in rows:
-        paths = sorted((run.out / "images" / row["model"] / row["attack"]).glob("*.png"))[:columns]
+        paths = sorted((out / "images" / row.model / row.attack).glob("*.png"))[:int(columns)]
         if paths:
             images = [Image.open(p).convert("RGB") for p in paths]
             size = images[0].size
             strip = image_grid([im.resize(size) for im in images], cols=len(images))
-            strips.append(_labelled(strip, row["model"]))
+            strips.append(_labelled(strip, row.model))
     if not strips:
         return None
     width = max(s.width for s in strips)
@@ -158,31 +96,31 @@ def comparison_grid(run, report: dict[str, Any], attack: str) -> Image.Image | N
     return grid
 
 
-def model_points(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+def model_points(report: Report) -> dict[str, dict[str, float]]:
     """Per model: worst-case ASR over its concept rows, and its utility metrics, taken from its
     `utility` row (non-target prompts) if there is one, else from its pre-attack row."""
     points: dict[str, dict[str, float]] = {}
-    for model in dict.fromkeys(r["model"] for r in report["rows"]):
-        rows = [r for r in report["rows"] if r["model"] == model]
-        rates = [100 * r["asr"]["asr"] for r in rows if r["kind"] == "concept" and r.get("asr")]
-        source = next((r for r in rows if r["kind"] == "utility"), None) or \
-            next((r for r in rows if r["attack_name"] in PRE_ATTACK_ROWS), None)
+    for model in dict.fromkeys(r.model for r in report.rows):
+        rows = [r for r in report.rows if r.model == model]
+        rates = [100 * r.asr.asr for r in rows if r.kind == "concept" and r.asr]
+        source = next((r for r in rows if r.kind == "utility"), None) or \
+            next((r for r in rows if r.attack_name in PRE_ATTACK_ROWS), None)
         point = points.setdefault(model, {})
         if rates:
             point["asr"] = max(rates)
-        if source and source["clip_score"]:
-            point["clip"] = source["clip_score"]["mean"]
-        if source and source["fid"]:
-            point["fid"] = source["fid"]["fid"]
-        if source and source.get("utility"):
-            point["utility"] = 100 * source["utility"]["asr"]
+        if source and source.clip_score:
+            point["clip"] = source.clip_score.mean
+        if source and source.fid:
+            point["fid"] = source.fid.fid
+        if source and source.utility:
+            point["utility"] = 100 * source.utility.asr
     return points
 
 
 AXES = {"clip": "CLIP score", "fid": "FID", "utility": "utility %"}
 
 
-def tradeoff_plot(report: dict[str, Any]) -> Image.Image | None:
+def tradeoff_plot(report: Report) -> Image.Image | None:
     """Worst-case ASR (x) against each available utility metric (y), one panel per metric."""
     points = model_points(report)
     panels = []

@@ -1,0 +1,180 @@
+"""The cell loop: for one (model, attack) cell, attack the prompts, generate, detect, save each result.
+
+    attack.prepare(target)                 per-concept work (learn a token), shared by the processes
+    attacked = attack.attack(target, ...)  one attacked prompt per unfinished prompt of this process
+    for each batch: images -> detector.detect(images) -> Cell.save_result per prompt
+
+An image-folder model runs the same loop with its images read from disk instead of generated.
+Sharding: under `accelerate launch` each process takes prompts[rank::world]; results meet on
+disk and the attacked prompts are gathered to the main process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from PIL import Image
+from tqdm.auto import tqdm
+
+from stereo.attacks.base import (
+    AttackedPrompt,
+    AttackTarget,
+    EvalPrompt,
+    GenerationSettings,
+    build_attack,
+    render,
+    write_attacked,
+)
+from stereo.evaluation.config import attack_budget, validate_eval
+from stereo.evaluation.inputs import container, eval_prompts, folder_images, make_detector, the_concept
+from stereo.evaluation.layout import Cell, check_resumable
+from stereo.generation import open_rgb
+from stereo.parallel import main_process_value
+
+log = logging.getLogger(__name__)
+
+
+class Evaluation:
+    """State shared by all cells of one run: config, accelerator, concept, prompts, detectors, base pipeline.
+
+    `detectors`: extra detector factories by name for this run only (on top of the global registry).
+    """
+
+    def __init__(self, cfg, detectors: Mapping[str, Callable] | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        validate_eval(cfg)
+        self.cfg = cfg
+        timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))
+        self.accelerator = Accelerator(cpu=cfg.cpu, kwargs_handlers=[timeout])
+        cfg.output_dir = main_process_value(str(cfg.output_dir))  # one folder for every process
+        self.out = Path(cfg.output_dir)
+        self.concept = the_concept(cfg)
+        self.prompts, self.prompt_source = eval_prompts(cfg, self.concept)
+        settings = container(cfg.detector or self.concept.detector)
+        self.detector = make_detector(settings, detectors)
+        self.black_box_prompts: dict[str, dict[int, AttackedPrompt]] = {}  # attack -> prompt index -> result
+        self.detector_settings = {id(self.detector): settings}  # recorded with each cell, checked on resume
+        self.utility_detector = None
+        self.utility_prompts: list[EvalPrompt] = []
+        if cfg.metrics.utility_prompts:
+            self.utility_prompts, _ = eval_prompts(cfg, self.concept, cfg.metrics.utility_prompts)
+            settings = container(cfg.metrics.utility_detector or cfg.detector or self.concept.detector)
+            self.utility_detector = make_detector(settings, detectors)
+            self.detector_settings[id(self.utility_detector)] = settings
+        self.generation = GenerationSettings(cfg.generation.steps, cfg.generation.batch_size)
+        self._base_pipe = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def distributed(self) -> bool:
+        return self.accelerator.num_processes > 1
+
+    @property
+    def progress(self) -> bool:
+        return bool(self.cfg.progress) and self.main
+
+    def base_pipe(self):
+        if self._base_pipe is None:
+            from stereo.models.loading import load_pipeline
+
+            self._base_pipe = load_pipeline(self.cfg.base).to(self.accelerator.device)
+        return self._base_pipe
+
+    def release(self, pipe) -> None:
+        """Free an evaluated pipeline's accelerator memory before the next model loads (not the base)."""
+        if pipe is not self._base_pipe:
+            pipe.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def shard(self, items: list) -> list:
+        return items[self.accelerator.process_index:: self.accelerator.num_processes]
+
+    # --- the two kinds of cell ------------------------------------------------------------------
+    def run_cell(self, cell: Cell, pipe, attack_settings, prompts: list[EvalPrompt], detector) -> None:
+        """Attack + generate + detect the unfinished prompts of this process's shard, saving each batch."""
+        settings = {"attack": attack_budget(attack_settings), "detector": self.detector_settings[id(detector)],
+                    "generation": {"steps": self.cfg.generation.steps}}  # seeds and CFG are checked per prompt
+        finished = check_resumable(cell, prompts, settings)
+        pending = self.shard([p for p in prompts if p.index not in finished])
+        everyone_pending = any(gather_object([bool(pending)])) if self.distributed else bool(pending)
+        if not everyone_pending:
+            log.info("%s / %s: all %d prompts already evaluated, skipped", cell.model, cell.attack, len(prompts))
+            return
+        attack = build_attack(attack_settings)
+        target = AttackTarget(pipe, self.base_pipe(), self.concept, self.out / "attacks" / cell.model / cell.attack,
+                              self.out / "galleries" / self.concept.name, detector, self.generation, self.progress,
+                              self.accelerator)
+        start = time.perf_counter()
+        attack.prepare(target)  # on every process: galleries are sharded, inversions data-parallel
+        attacked = self.attack_prompts(attack, target, cell.attack, pending)
+        attack_seconds = (time.perf_counter() - start) / max(len(pending), 1)
+        self.save_attacked(target.out_dir, attacked)
+        self.detect_and_save(cell, attacked, lambda batch: render(pipe, batch, self.generation), detector,
+                             attack_seconds)
+        self.accelerator.wait_for_everyone()
+
+    def run_image_folder(self, cell: Cell, folder: str, prompts: list[EvalPrompt], detector) -> None:
+        """Detect + save the unfinished images of a folder (no attack: the images are scored as they are)."""
+        finished = cell.finished()
+        pairs = self.shard([(p, f) for p, f in folder_images(folder, prompts) if p.index not in finished])
+        files = {p.index: f for p, f in pairs}
+        items = [AttackedPrompt.of(p, p.prompt) for p, _ in pairs]
+        self.detect_and_save(cell, items, lambda batch: [open_rgb(files[item.index]) for item in batch], detector)
+        self.accelerator.wait_for_everyone()
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def detect_and_save(self, cell: Cell, items: list[AttackedPrompt],
+                        images_of: Callable[[list[AttackedPrompt]], list[Image.Image]], detector,
+                        extra_seconds: float = 0.0) -> None:
+        """Batch by batch: the items' images (generated or read), the detector's decisions, one saved result
+        per item. `seconds` of a result = its share of the batch's time + `extra_seconds` (its attack)."""
+        size = self.cfg.generation.batch_size
+        bar = tqdm(range(0, len(items), size), desc=f"{cell.model}/{cell.attack}", disable=not self.progress)
+        for start in bar:
+            batch = items[start:start + size]
+            began = time.perf_counter()
+            images = images_of(batch)
+            detection = detector.detect(images)
+            seconds = (time.perf_counter() - began) / len(batch)
+            for item, image, score, flag in zip(batch, images, detection.scores, detection.flags):
+                cell.save_result(item, image, float(score), bool(flag), seconds + extra_seconds)
+
+    # --- attacked prompts -------------------------------------------------------------------------
+    def attack_prompts(self, attack, target: AttackTarget, name: str,
+                       prompts: list[EvalPrompt]) -> list[AttackedPrompt]:
+        """`attack.attack(target, prompts)`, with black-box results shared by every model: a black-box
+        attack reads only the base model's public text encoder, so its prompts do not depend on the
+        evaluated model, and one search serves them all (Ring-A-Bell's search is the costly part)."""
+        if attack.white_box:
+            return attack.attack(target, prompts) if prompts else []
+        found = self.black_box_prompts.setdefault(name, {})
+        todo = [p for p in prompts if p.index not in found]
+        for item in attack.attack(target, todo) if todo else []:
+            found[item.index] = item
+        return [found[p.index] for p in prompts]
+
+    def save_attacked(self, out_dir: Path, attacked: list[AttackedPrompt]) -> None:
+        """Every process's attacked prompts, merged with those on disk, as prompts.jsonl + prompts.txt."""
+        items = gather_object([a.to_dict() for a in attacked]) if self.distributed else \
+            [a.to_dict() for a in attacked]
+        if self.main and items:
+            path = out_dir / "prompts.jsonl"
+            previous = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+            merged: dict[int, Any] = {item["index"]: item for item in [*previous, *items]}
+            write_attacked(path, [AttackedPrompt(**item) for item in merged.values()])
+            (out_dir / "prompts.txt").write_text("".join(f"{i['text']}\n" for i in sorted(
+                merged.values(), key=lambda item: item["index"])), encoding="utf-8")
