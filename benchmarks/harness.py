@@ -45,7 +45,7 @@ def timed(fn, device: torch.device | str, repeats: int = 1, warm_up: bool = True
 
 # -- memory ------------------------------------------------------------------------------------
 # GPU: bytes allocated by torch. CPU: the process's resident set (RSS); its peak can only be reset
-# by starting a new process, which is why speed.py measures each phase in its own process on CPU.
+# by starting a new process, which is why benchmarks.speed measures each phase in its own process on CPU.
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         sync(device)

@@ -15,7 +15,7 @@
 #   4. phase_memory: torch.cuda.max_memory_allocated per phase of the real recipes (ESD-u, every round of
 #      a 2-round STEREO run, REO, the white-box attacks, generation; tests/scripts/gpu_phase_memory.py,
 #      which rewrites its results after every phase, so a timeout keeps what was measured);
-#   5. memory_estimate: benchmarks/memory.py's traced estimate of the same phases, then both side by
+#   5. memory_estimate: benchmarks.memory's traced estimate of the same phases, then both side by
 #      side (only a measurement of THIS run, checked by its run id; unmeasured phases are listed);
 #   6. speed_bf16_gc: ours (bf16, gradient checkpointing) against the reference loop: ESD erase step and
 #      generation (each measurement loads its own pipeline, ~15 s for sd14-random);
@@ -205,10 +205,10 @@ pytest_gpu() {
   python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --durations=0 -k "$1"
 }
 
-# benchmarks/memory.py's estimate (a meta-tensor trace on the CPU: seconds), beside the measurement
+# benchmarks.memory's estimate (a meta-tensor trace on the CPU: seconds), beside the measurement
 # of this run (gpu_memory_compare.py refuses a file with another run id, and lists unmeasured phases).
 memory_estimate() {
-  python benchmarks/memory.py --no-write --json "$WORK/memory_estimate.json"
+  python -m benchmarks.memory --no-write --json "$WORK/memory_estimate.json"
   cp "$WORK/memory_estimate.json" "$RESULTS/gpu_memory_estimate.json"
   python tests/scripts/gpu_memory_compare.py "$RESULTS/gpu_phase_memory.json" "$WORK/memory_estimate.json" \
     --run-id "$GPU_CHECK_RUN_ID" --out "$RESULTS/gpu_memory_vs_estimate"
@@ -218,16 +218,16 @@ memory_estimate() {
 speed() {
   local name="$1"
   shift
-  python benchmarks/speed.py --model sd14-random --device cuda --precision bf16 --gc --steps 2 \
+  python -m benchmarks.speed --model sd14-random --device cuda --precision bf16 --gc --steps 2 \
     --out "$WORK/$name" "$@"
   cp "$WORK/$name/speed_sd14-random_cuda.md" "$RESULTS/gpu_$name.md"
   cp "$WORK/$name/speed_sd14-random_cuda.json" "$RESULTS/gpu_$name.json"
 }
 
-# Our ESD erase step alone with torch.compile (speed.py's one-measurement mode: no reference loop, one
+# Our ESD erase step alone with torch.compile (benchmarks.speed's one-measurement mode: no reference loop, one
 # pipeline load); the warm-up step compiles, one step is timed. Its reference: gpu_speed_bf16_gc.
 speed_compile() {
-  python benchmarks/speed.py --model sd14-random --device cuda --precision bf16 --gc --compile --steps 1 \
+  python -m benchmarks.speed --model sd14-random --device cuda --precision bf16 --gc --compile --steps 1 \
     --only esd:ours --result "$WORK/compile.json"
   python - "$WORK/compile.json" "$RESULTS/gpu_speed_bf16_gc_compile" "$GPU_CHECK_RUN_ID" <<'PY'
 import json, sys

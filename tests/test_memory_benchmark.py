@@ -1,4 +1,4 @@
-"""benchmarks/memory.py: the traced peak-memory estimate behind issue 11's memory bars.
+"""benchmarks.memory: the traced peak-memory estimate behind issue 11's memory bars.
 
 The tracker must count a known tensor program exactly; the CUDA emulation must allocate what
 CUDA's autocast and fused attention allocate; on the tiny model the parameter, gradient and AdamW
@@ -9,19 +9,19 @@ fused by exactly one fp32 copy of the trainable parameters; DDP buckets as copie
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import memory  # noqa: E402
-import memtrace  # noqa: E402
-
-from stereo.erasure.subsets import subset_parameter_names  # noqa: E402
-from stereo.models.tiny import tiny_unet  # noqa: E402
+from benchmarks.memory import memtrace
+from benchmarks.memory.cli import main
+from benchmarks.memory.configs import read_setup
+from benchmarks.memory.phases import Phase, ddp_step, erasure_phase
+from benchmarks.memory.report import estimates_json
+from benchmarks.memory.training import OPT_SECTIONS, trace_erasure
+from stereo.erasure.subsets import subset_parameter_names
+from stereo.models.tiny import tiny_unet
 
 
 def test_tracker_counts_a_known_program_exactly():
@@ -87,8 +87,8 @@ def test_fused_attention_never_materialises_the_score_matrix():
 
 @pytest.fixture(scope="module")
 def tiny():
-    setup = memory.read_setup("tiny")
-    return setup, memory.trace_erasure(setup, conditions=2)
+    setup = read_setup("tiny")
+    return setup, trace_erasure(setup, conditions=2)
 
 
 def _bytes(numels, element_size):
@@ -103,7 +103,7 @@ def test_weights_grads_and_adamw_bytes_match_their_formulas(tiny):
     assert setup.subset == "noxattn" and trainable == _bytes(trainable_numels, 4)
     assert resident["student UNet (fp32)"] == _bytes([p.numel() for p in unet.parameters()], 4)
     assert resident["base UNet"] == _bytes([p.numel() for p in unet.parameters()], 2)  # model.dtype bf16
-    step = sections[memory.OPT_SECTIONS["fused"]]
+    step = sections[OPT_SECTIONS["fused"]]
     steps_bytes = len(trainable_numels) * memtrace.CUDA_BLOCK  # fused AdamW: one fp32 device scalar each
     assert step.optimizer == 2 * trainable + steps_bytes  # exp_avg + exp_avg_sq in fp32
     assert step.grads == trainable
@@ -112,39 +112,49 @@ def test_weights_grads_and_adamw_bytes_match_their_formulas(tiny):
 
 def test_foreach_adamw_needs_one_fp32_copy_of_the_trainable_parameters_more(tiny):
     _, (sections, _, trainable) = tiny
-    fused, foreach = sections[memory.OPT_SECTIONS["fused"]], sections[memory.OPT_SECTIONS["foreach"]]
+    fused, foreach = sections[OPT_SECTIONS["fused"]], sections[OPT_SECTIONS["foreach"]]
     assert foreach.total - fused.total == trainable  # torch._foreach_sqrt(exp_avg_sqs); fused works in place
 
 
 def test_ddp_buckets_as_copies_cost_more_than_views(tiny):
     setup, esd = tiny
-    view = memory._ddp_step(setup, esd, "view")[0]
-    copy = memory._ddp_step(setup, esd, "copy")[0]
+    view = ddp_step(setup, esd, "view")[0]
+    copy = ddp_step(setup, esd, "copy")[0]
     unet = tiny_unet()
     names = set(subset_parameter_names(unet, setup.subset))
     grads = sum(p.numel() * 4 for n, p in unet.named_parameters() if n in names)  # fp32, unrounded
-    peak = lambda sections: max(b.total for k, b in sections.items() if k != memory.OPT_SECTIONS["foreach"])  # noqa: E731
+    peak = lambda sections: max(b.total for k, b in sections.items() if k != OPT_SECTIONS["foreach"])  # noqa: E731
     assert peak(copy) > peak(view) >= peak(esd[0])
     assert copy["student forward+backward"].buckets == view["student forward+backward"].buckets
     assert grads <= view["student forward+backward"].buckets < grads + memtrace.CUDA_BLOCK * 4  # 25 MiB buckets
     assert view["student forward+backward"].grads == 0  # with views the grads are the buckets
 
 
-def test_phase_with_resident_is_a_constant_offset_and_bars_are_judged(tiny):
+def test_resident_tensors_add_a_constant_offset_to_the_peak(tiny):
     _, esd = tiny
-    phase = memory._erasure_phase("ESD-u, 1 GPU", esd, "fused", bar=18.0)
+    phase = erasure_phase("ESD-u, 1 GPU", esd, "fused", bar=18.0)
     bigger = phase.with_resident("kept UNet", weights=1000, optimizer=24)
     assert bigger.peak.total == phase.peak.total + 1024 and bigger.peak_section == phase.peak_section
-    assert phase.met and not memory.Phase("x", phase.sections, {}, bar_gib=1e-9).met
-    row = memory.estimates_json([bigger], memory.read_setup("tiny"))["phases"]["ESD-u, 1 GPU"]
-    assert row["peak_bytes"] == bigger.peak.total and row["bar_gib"] == 18.0 and row["met"] is True
-    assert memory.OPT_SECTIONS["foreach"] not in row["sections"]  # the fused row ignores the foreach step
+
+
+def test_a_phase_meets_its_bar_only_when_its_peak_is_below_it(tiny):
+    _, esd = tiny
+    phase = erasure_phase("ESD-u, 1 GPU", esd, "fused", bar=18.0)
+    assert phase.met and not Phase("x", phase.sections, {}, bar_gib=1e-9).met
+
+
+def test_json_row_reports_the_peak_the_bar_and_only_the_chosen_optimizer(tiny):
+    _, esd = tiny
+    phase = erasure_phase("ESD-u, 1 GPU", esd, "fused", bar=18.0)
+    row = estimates_json([phase], read_setup("tiny"))["phases"]["ESD-u, 1 GPU"]
+    assert row["peak_bytes"] == phase.peak.total and row["bar_gib"] == 18.0 and row["met"] is True
+    assert OPT_SECTIONS["foreach"] not in row["sections"]  # the fused row ignores the foreach step
 
 
 @pytest.mark.slow
 def test_cli_writes_every_phase_as_json(tmp_path):
     out = tmp_path / "estimate.json"
-    assert memory.main(["--model", "tiny", "--no-write", "--json", str(out)]) == 0
+    assert main(["--model", "tiny", "--no-write", "--json", str(out)]) == 0
     phases = json.loads(out.read_text())["phases"]
     assert {"ESD-u, 1 GPU", "STE round 1 erase", "evaluation: generation"} <= set(phases)
     assert all(p["peak_gib"] > 0 for p in phases.values())

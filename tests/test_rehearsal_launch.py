@@ -98,7 +98,7 @@ def test_gpu_check_script_dry_run_lists_every_step():
 
 
 def test_measured_phases_pair_with_the_memory_estimate(tmp_path):
-    """gpu_memory_compare.py pairs gpu_phase_memory.py's labels with benchmarks/memory.py's rows (after the fixes),
+    """gpu_memory_compare.py pairs gpu_phase_memory.py's labels with benchmarks.memory's rows (after the fixes),
     lists the planned phases a cut-short run did not measure, and refuses another run's measurement."""
     from tests.scripts.gpu_memory_compare import estimate_name, main, missing_rows
 

@@ -1,8 +1,8 @@
-"""Measured peak CUDA memory per phase beside benchmarks/memory.py's estimate (run by scripts/gpu_check.sh).
+"""Measured peak CUDA memory per phase beside benchmarks.memory's estimate (run by scripts/gpu_check.sh).
 
     python tests/scripts/gpu_memory_compare.py MEASURED.json ESTIMATE.json --out STEM [--run-id ID]
 
-MEASURED: gpu_phase_memory.py's result (phase label -> peak_gib). ESTIMATE: `benchmarks/memory.py
+MEASURED: gpu_phase_memory.py's result (phase label -> peak_gib). ESTIMATE: `python -m benchmarks.memory
 --json PATH` (phase name -> peak_gib, bar_gib). Each measured phase is paired with the estimate of
 the same phase after the fixes (not the "— before" rows); the estimate rows that the measured run
 planned (its STE rounds, REO, its attacks, generation) but did not measure are listed as missing
@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 ATTACKS = {"concept_inversion": "concept inversion", "soft_prompt": "soft prompt", "unlearndiffatk": "UnlearnDiffAtk",
-           "ring_a_bell": "Ring-A-Bell"}  # evaluate.py's attack names -> benchmarks/memory.py's row names
+           "ring_a_bell": "Ring-A-Bell"}  # evaluate.py's attack names -> benchmarks.memory's row names
 
 
 def estimate_name(label: str, names: list[str]) -> str | None:
@@ -81,7 +81,7 @@ def to_markdown(rows: list[dict], measured: dict, missing: list[str]) -> str:
     fmt = lambda v, spec=".2f": "–" if v is None else format(v, spec)  # noqa: E731
     lines = [f"# Peak CUDA memory: measured vs estimated ({measured['setting']})", "",
              f"Measured on {measured['device']}, torch {measured['torch']} (`{measured['command']}`); estimate: "
-             "benchmarks/memory.py (meta-tensor trace, no CUDA context). GiB = 2^30 bytes.", "",
+             "benchmarks.memory (meta-tensor trace, no CUDA context). GiB = 2^30 bytes.", "",
              "| phase (measured) | measured GiB | estimate row | estimate GiB | measured / estimate | bar GiB "
              "| within bar |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -83,19 +83,21 @@ class PhaseMemory:
 def instrument_recipes(memory: PhaseMemory) -> None:
     import stereo.attacks.gallery as gallery
     import stereo.attacks.inversion as inversion
-    import stereo.evaluation.runner as runner
+    import stereo.erasure.previews as previews
+    import stereo.evaluation.runner  # noqa: F401  (imports every evaluation module, so their references get wrapped)
     import stereo.generation as generation
-    import stereo.train  # noqa: F401  (imports every recipe module, so their references get wrapped)
-    from stereo.erasure.session import Session
+    import stereo.recipes  # noqa: F401  (imports every recipe module, so their references get wrapped)
+    from stereo.erasure.context import RunContext
     from stereo.erasure.trainer import ErasureTrainer
+    from stereo.evaluation.cells import Evaluation
 
     memory.instrument(ErasureTrainer, "run", lambda self: f"train: {self.settings.desc}")
     memory.instrument(inversion, "learn_token", lambda *a, **k: f"inversion: {k.get('token') or a[2]}")
     memory.instrument(gallery, "concept_gallery", lambda *a, **k: "generation: concept gallery")
-    memory.instrument(Session, "export", lambda self, *a, **k: "export")
-    memory.instrument(Session, "save_samples", lambda self, unet, prompts, name, *a, **k: f"samples: {name}")
+    memory.instrument(RunContext, "export", lambda self, *a, **k: "export")
+    memory.instrument(previews, "save_samples", lambda ctx, unet, prompts, name, *a, **k: f"samples: {name}")
     memory.instrument(generation, "generate", lambda *a, **k: "generation: other")
-    memory.instrument(runner.Evaluation, "run_cell", lambda self, cell, *a, **k: f"attack: {cell.attack}")
+    memory.instrument(Evaluation, "run_cell", lambda self, cell, *a, **k: f"attack: {cell.attack}")
 
 
 def build_sd14_random_once() -> None:
@@ -115,7 +117,7 @@ def build_sd14_random_once() -> None:
 
 def run_recipes(out: Path, rounds: int, attacks: bool, recipes: dict[str, str], save) -> None:
     from stereo.config import compose
-    from stereo.train import train
+    from stereo.recipes import train
 
     def running(name):
         recipes[name] = "running"

@@ -1,6 +1,6 @@
 """Peak accelerator memory of a PyTorch program, traced on meta tensors: no GPU, no weights.
 
-Three pieces, used together by `memory.py`:
+Three pieces, used together by the memory estimate (`benchmarks.memory`):
 
 - `MemoryTracker`, a TorchDispatchMode that counts the bytes of live tensor storages the way
   torch.cuda.memory_allocated does: + when an op returns a tensor with a storage not seen yet
