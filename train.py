@@ -11,7 +11,7 @@ register_configs()
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from stereo.train import train
+    from stereo.recipes import train
 
     cfg.output_dir = HydraConfig.get().runtime.output_dir  # per-job folder in --multirun sweeps
     train(cfg)

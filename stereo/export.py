@@ -7,7 +7,7 @@ Layout of an export folder:
   lora/                    adapter for pipe.load_lora_weights(dir / "lora")
   manifest.json            resolved config, seed, base model, subset, versions, commit, sha256 per file
 Everything is written into a hidden sibling folder that is renamed into place at the end, so
-a killed export never leaves a folder that looks complete.
+a killed export never leaves a folder that looks complete. `apply_export` reads one back (evaluation).
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from stereo.erasure.subsets import trainable_state_dict
 from stereo.manifest import sha256_file, write_json_atomic
+from stereo.models.loading import ModelLoadError, load_unet_weights
+
+
+def trainable_state_dict(unet: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named parameters as contiguous CPU tensors (what `delta.safetensors` holds)."""
+    params = dict(unet.named_parameters())
+    return {name: params[name].detach().cpu().contiguous() for name in names}
 
 
 def has_lora(unet) -> bool:
@@ -146,3 +152,24 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
+
+# ----------------------------------------------------------------------------------------------
+# Reading an export back (the inverse of export_erased)
+# ----------------------------------------------------------------------------------------------
+def apply_export(pipe, folder: str | Path) -> str:
+    """Load an export folder of ours into `pipe.unet`; returns which part was read (unet, pipeline, delta, lora)."""
+    folder = Path(folder)
+    if (folder / "unet").is_dir():
+        load_unet_weights(pipe.unet, folder / "unet")
+        return "unet"
+    if (folder / "pipeline" / "unet").is_dir():
+        load_unet_weights(pipe.unet, folder / "pipeline" / "unet")
+        return "pipeline"
+    if (folder / "delta.safetensors").is_file():
+        load_unet_weights(pipe.unet, folder / "delta.safetensors")
+        return "delta"
+    if (folder / "lora").is_dir():
+        pipe.load_lora_weights(str(folder / "lora"))
+        return "lora"
+    raise ModelLoadError(f"{folder} is not a stereo export folder: expected unet/, pipeline/, delta.safetensors "
+                         "or lora/ (as written by `python train.py`, see stereo/export.py)")

@@ -77,6 +77,50 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+# The package in layers: a module imports its own group or a lower layer, never a higher layer nor another
+# group of its own layer (README, "Architecture"). Foundations may import one another (cycles are checked above).
+LAYERS = [
+    {"stereo", "stereo.manifest", "stereo.config", "stereo.parallel", "stereo.models", "stereo.generation",
+     "stereo.export"},
+    {"stereo.attacks", "stereo.anchors"},  # attacks on a pipeline; anchor prompts
+    {"stereo.erasure", "stereo.evaluation"},  # erasure machinery; the evaluation
+    {"stereo.recipes"},  # ESD, STEREO: the algorithms, on the machinery
+    {"stereo.toy"},  # the toy world: models, detector and features built here, plugged in from above
+]
+
+
+def group_of(module: str) -> tuple[int, str]:
+    """(layer, group) of a module: its longest listed prefix."""
+    for depth in range(module.count(".") + 1, 0, -1):
+        prefix = ".".join(module.split(".")[:depth])
+        for layer, groups in enumerate(LAYERS):
+            if prefix in groups:
+                return layer, prefix
+    raise AssertionError(f"{module} belongs to no layer: add its package to LAYERS")
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, targets in sorted(graph.items()):
+        layer, group = group_of(module)
+        for target in sorted(targets):
+            t_layer, t_group = group_of(target)
+            if t_layer > layer or (t_layer == layer and t_group != group and layer > 0):
+                found.append(f"{module} -> {target}")
+    return found
+
+
+def test_imports_go_down_the_layers_only():
+    assert layering_violations(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_and_a_sideways_import():
+    graph = {"stereo.erasure.trainer": {"stereo.recipes.esd", "stereo.evaluation.runner", "stereo.models.tiny"},
+             "stereo.recipes.esd": {"stereo.erasure.trainer"}, "stereo.models.tiny": set()}
+    assert layering_violations(graph) == ["stereo.erasure.trainer -> stereo.evaluation.runner",
+                                          "stereo.erasure.trainer -> stereo.recipes.esd"]
+
+
 def test_models_do_not_import_the_toy_world():
     graph = import_graph()
     offenders = {m: sorted(t for t in graph[m] if t.startswith("stereo.toy")) for m in graph

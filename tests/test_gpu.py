@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stereo.config import compose
-from stereo.train import train
+from stereo.recipes import train
 from tests.conftest import rehearsal_overrides
 from tests.scripts.rehearsal_checks import assert_export_loads, assert_grids
 

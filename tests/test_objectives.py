@@ -2,8 +2,8 @@
 
 import torch
 
-from stereo.erasure.trainer import ESDObjective, balanced_indices
-from stereo.objectives import denoising_loss, erasure_loss, esd_target, reo_target
+from stereo.attacks.inversion import denoising_loss
+from stereo.erasure.objectives import ESDObjective, balanced_indices, erasure_loss, esd_target, reo_target
 
 
 def seeded(*shape, seed=0):
@@ -45,12 +45,14 @@ def test_losses_are_mse():
 
 def test_esd_objective_builds_one_teacher_batch_and_the_target():
     neg, unc = seeded(3, 77, 16, seed=10), seeded(77, 16, seed=11)
-    obj = ESDObjective(negatives=neg, uncond=unc, eta=1.0)
-    idx = torch.tensor([2, 0])
-    emb = obj.teacher_embeddings(idx, draw=0, seed=0)
-    assert emb.shape == (2, 2, 77, 16)
-    torch.testing.assert_close(emb[0, 1], unc)
-    torch.testing.assert_close(emb[1, 0], neg[2])
+    obj = ESDObjective(negatives=neg, uncond=unc, eta=1.0, seed=4)
+    cond = obj.sample(position=5, batch_size=2)
+    drawn = balanced_indices(3, 5, 2, seed=4)  # the student's concepts: the balanced stream at positions 5, 6
+    torch.testing.assert_close(cond.student, neg[drawn])
+    torch.testing.assert_close(cond.uncond, unc)
+    assert cond.teacher.shape == (2, 2, 77, 16)  # (∅, c) for each latent
+    torch.testing.assert_close(cond.teacher[0, 1], unc)
+    torch.testing.assert_close(cond.teacher[1], neg[drawn])
     eps = seeded(2, 2, 4, 4, 4, seed=12)
     torch.testing.assert_close(obj.target(eps), esd_target(eps[0], eps[1], 1.0))
 

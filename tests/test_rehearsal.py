@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from stereo.config import compose
-from stereo.train import train
+from stereo.recipes import train
 from tests.conftest import rehearsal_overrides
 from tests.scripts.rehearsal_checks import (
     Killed,
@@ -231,7 +231,7 @@ def test_kill_in_ste_round_then_rerun_equals_uninterrupted(stereo_run, sd14_rehe
     """Killed during STE round 1 (its concept inversion, after round 0 finished); the re-run keeps round 0,
     redoes round 1 from its start and ends exactly where the uninterrupted run ended."""
     import stereo.attacks.inversion
-    import stereo.ste
+    import stereo.recipes.stereo
 
     original, calls = stereo.attacks.inversion.learn_token, []
 
@@ -241,7 +241,7 @@ def test_kill_in_ste_round_then_rerun_equals_uninterrupted(stereo_run, sd14_rehe
             raise Killed("killed during STE round 1")
         return original(*args, **kwargs)
 
-    for module in (stereo.attacks.inversion, stereo.ste):
+    for module in (stereo.attacks.inversion, stereo.recipes.stereo):
         if hasattr(module, "learn_token"):
             monkeypatch.setattr(module, "learn_token", killed_in_round_1)
     run = tmp_path / "run"

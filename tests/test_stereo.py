@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from stereo.attacks import inversion
-from stereo.erasure.trainer import REOObjective
-from stereo.objectives import reo_target
-from stereo.train import train
+from stereo.erasure.objectives import REOObjective, balanced_indices, reo_target
+from stereo.recipes import train
 
 TINY_STEREO = ["method=stereo", "method.ste.rounds=2", "method.ste.erase_steps=1", "method.ste.gallery_size=2",
                "method.ste.gallery_steps=2", "method.ste.inversion.steps=2", "method.ste.inversion.lr=0.05",
@@ -20,7 +19,9 @@ def test_reo_objective_batches_uncond_anchors_and_every_negative():
     neg, unc = torch.randn(3, 77, 8, generator=g), torch.randn(77, 8, generator=g)
     anc = torch.randn(5, 77, 8, generator=g)
     obj = REOObjective(negatives=neg, uncond=unc, anchors=anc, eta_a=1.0, eta_n=3.0, anchors_per_step=2)
-    emb = obj.teacher_embeddings(torch.tensor([0, 2]), draw=0, seed=0)
+    cond = obj.sample(position=0, batch_size=2)
+    torch.testing.assert_close(cond.student, neg[balanced_indices(3, 0, 2, seed=0)])
+    emb = cond.teacher
     assert emb.shape == (1 + 2 + 3, 2, 77, 8)
     assert torch.equal(emb[0, 1], unc) and torch.equal(emb[3:, 0], neg) and torch.equal(emb[3:, 1], neg)
     used = {int(i) for a in range(1, 3) for b in range(2) for i in range(5) if torch.equal(emb[a, b], anc[i])}
@@ -44,7 +45,7 @@ def test_stereo_end_to_end_writes_rounds_tokens_and_export(fast_cfg, tmp_path):
     assert manifest["erased"] == ["circle", "a photo of a <circle-ste0>", "a photo of a <circle-ste1>"]
     assert manifest["anchors"] == 8
     # the token files load in diffusers and give the embedding STE used
-    from stereo.attacks.inversion import encode_prompts
+    from stereo.generation import encode_prompts
     from stereo.models.tiny import tiny_pipeline
 
     fresh = tiny_pipeline(seed=0)
@@ -69,7 +70,7 @@ def test_ste_resumes_after_a_killed_round(fast_cfg, tmp_path, monkeypatch, preci
         if calls["n"] == 2:
             raise Killed
         return real(*args, **kwargs)
-    import stereo.ste as ste_module
+    import stereo.recipes.stereo as ste_module
     monkeypatch.setattr(ste_module, "learn_token", dies_in_round_1)
     with pytest.raises(Killed):
         train(fast_cfg(*run, f"output_dir={tmp_path / 'b'}"))
@@ -105,16 +106,16 @@ def test_reo_only_and_errors(fast_cfg, tmp_path):
 def test_stereo_checkpoints_only_reo_and_a_resumed_reo_equals_the_uninterrupted_one(fast_cfg, tmp_path, monkeypatch):
     """trainer.checkpoint_every below STE's erase steps: STE erases without checkpoints (a finished round is its
     checkpoint), REO checkpoints under <run>/checkpoints, and the accelerator holds one trainer's model at a time."""
-    import stereo.ste as ste_module
-    from stereo.erasure.session import Session
+    import stereo.recipes.stereo as ste_module
+    from stereo.erasure.context import RunContext
 
     common = [*TINY_STEREO, "method.ste.erase_steps=3", "method.reo.steps=4", "trainer.checkpoint_every=2",
               "trainer.lr=1e-3", "method.reo.lr=1e-3", "export.formats=[delta]"]
     held, attack = [], ste_module._attack
 
-    def counting_attack(session, *args, **kwargs):  # runs right after each round's erasure
-        held.append((len(session.accelerator._models), len(session.accelerator._optimizers)))
-        return attack(session, *args, **kwargs)
+    def counting_attack(ctx, *args, **kwargs):  # runs right after each round's erasure
+        held.append((len(ctx.accelerator._models), len(ctx.accelerator._optimizers)))
+        return attack(ctx, *args, **kwargs)
     monkeypatch.setattr(ste_module, "_attack", counting_attack)
     straight = train(fast_cfg(*common, f"output_dir={tmp_path / 'straight'}"))
     assert held == [(0, 0), (0, 0)]  # each round's trainer was closed: no student or AdamW state left behind
@@ -123,7 +124,7 @@ def test_stereo_checkpoints_only_reo_and_a_resumed_reo_equals_the_uninterrupted_
     def killed_at_reo_step_3(self, step, metrics):
         if "reo/loss" in metrics and step == 3:
             raise Killed
-    monkeypatch.setattr(Session, "log", killed_at_reo_step_3)
+    monkeypatch.setattr(RunContext, "log", killed_at_reo_step_3)
     with pytest.raises(Killed):
         train(fast_cfg(*common, f"output_dir={tmp_path / 'resumed'}"))
     monkeypatch.undo()

@@ -10,8 +10,8 @@ from diffusers import UNet2DConditionModel
 
 from stereo.config import compose
 from stereo.generation import generate
+from stereo.recipes import train
 from stereo.toy import load_toy_detector, load_toy_pipeline
-from stereo.train import train
 
 CONCEPT_PROMPTS = ["a circle", "a red circle", "a blue circle on a striped background"]
 OTHER_PROMPTS = ["a triangle", "a green triangle", "a triangle on a dotted background"]

@@ -14,7 +14,7 @@ from stereo.erasure.trainer import NonFiniteLossError
 from stereo.generation import generate
 from stereo.manifest import sha256_file
 from stereo.models.loading import load_pipeline, load_unet_weights
-from stereo.train import train
+from stereo.recipes import train
 from tests.conftest import ROOT, compose, rehearsal_overrides
 
 
@@ -87,12 +87,12 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(fast_cfg, tmp
     common = ["trainer.steps=4", "trainer.checkpoint_every=2", "trainer.lr=1e-3", "export.formats=[delta]"]
     straight = train(fast_cfg(*common, f"output_dir={tmp_path / 'straight'}"))["unet"].state_dict()
 
-    from stereo.erasure import session as session_module
+    from stereo.erasure.context import RunContext
 
     def crash_at_step_3(self, step, metrics):
         if step == 3:
             raise Interrupt
-    monkeypatch.setattr(session_module.Session, "log", crash_at_step_3)
+    monkeypatch.setattr(RunContext, "log", crash_at_step_3)
     with pytest.raises(Interrupt):
         train(fast_cfg(*common, f"output_dir={tmp_path / 'resumed'}"))
     assert (tmp_path / "resumed" / "checkpoints" / "step_0000002").is_dir()
@@ -199,10 +199,10 @@ def test_accelerator_buckets_gradients_as_views_and_waits_the_configured_time(fa
 
     from accelerate.state import AcceleratorState
 
-    from stereo.erasure.session import make_accelerator
+    from stereo.erasure.context import make_accelerator
 
     accelerator = make_accelerator(fast_cfg("trainer.dist_timeout_minutes=25"))
-    AcceleratorState._reset_state()  # as Session.close does: later tests choose their own mixed precision
+    AcceleratorState._reset_state()  # as RunContext.close does: later tests choose their own mixed precision
     assert accelerator.ddp_handler.gradient_as_bucket_view
     assert accelerator.init_handler.timeout == timedelta(minutes=25)
 
@@ -211,19 +211,18 @@ def test_sd14_samples_and_export_all_keep_the_student_and_shared_pipeline(sd14_r
                                                                           fresh_accelerate_state):
     """SD 1.4's bf16 pipeline, trainer=gpu: the sample grid draws from a frozen copy of the fp32 student in the
     pipeline's dtype, and export=all saves the pipeline from where it is (it once moved it to the CPU for good)."""
-    from stereo.erasure.session import Session
-    from stereo.esd import run_esd
+    from stereo.erasure.context import RunContext
+    from stereo.recipes.esd import run_esd
 
     cfg = compose(rehearsal_overrides(sd14_rehearsal_dir) + ["method=esd", "concept=nudity", "export=all",
                                                               f"output_dir={tmp_path / 'run'}"])
-    session = Session(cfg)
-    moves = []
-    to = session.pipe.to
-    session.pipe.to = lambda *args, **kwargs: moves.append((args, kwargs)) or to(*args, **kwargs)
-    out = run_esd(session)
-    session.close()
-    assert moves == [] and session.pipe.unet is session.base_unet
-    assert {m.dtype for m in (session.pipe.unet, session.pipe.vae, session.pipe.text_encoder)} == {torch.bfloat16}
+    with RunContext(cfg) as ctx:
+        moves = []
+        to = ctx.pipe.to
+        ctx.pipe.to = lambda *args, **kwargs: moves.append((args, kwargs)) or to(*args, **kwargs)
+        out = run_esd(ctx)
+    assert moves == [] and ctx.pipe.unet is ctx.base_unet
+    assert {m.dtype for m in (ctx.pipe.unet, ctx.pipe.vae, ctx.pipe.text_encoder)} == {torch.bfloat16}
     assert out["samples"].is_file()
     assert out["unet"].dtype == torch.float32 and all(out["unet"].get_parameter(n).requires_grad
                                                        for n in out["trainable"])

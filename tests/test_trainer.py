@@ -14,8 +14,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
+from stereo.erasure.objectives import ESDObjective
 from stereo.erasure.subsets import add_lora, select_trainable
-from stereo.erasure.trainer import ErasureTrainer, ESDObjective, TrainerSettings, make_optimizer
+from stereo.erasure.trainer import ErasureTrainer, TrainerSettings, make_optimizer
 from stereo.models.rehearsal import rehearsal_unet, sd14_scheduler
 from stereo.models.tiny import sd_scheduler, tiny_unet
 

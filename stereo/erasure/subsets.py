@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-import torch
+import copy
+
 from diffusers import UNet2DConditionModel
 from torch import nn
 
@@ -65,6 +66,13 @@ def add_lora(unet: UNet2DConditionModel, subset: str, rank: int, alpha: float, d
     return [name for name, param in unet.named_parameters() if param.requires_grad]
 
 
-def trainable_state_dict(unet: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    params = dict(unet.named_parameters())
-    return {name: params[name].detach().cpu().contiguous() for name in names}
+def make_student(init: UNet2DConditionModel, subset: str, lora) -> tuple[UNet2DConditionModel, object, list[str]]:
+    """A trainable fp32 copy of `init` with `subset` (or a LoRA adapter on it, `lora.enabled`) unfrozen.
+
+    Returns (student, teacher, trainable names). The teacher is `init` itself, or None with LoRA: the
+    student with its adapter disabled is the base model, no second copy of the weights needed.
+    """
+    student = copy.deepcopy(init).float()
+    if lora.enabled:
+        return student, None, add_lora(student, subset, lora.rank, lora.alpha, lora.dropout)
+    return student, init, select_trainable(student, subset)

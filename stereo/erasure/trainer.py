@@ -1,10 +1,10 @@
 """The erasure trainer: fine-tune a student UNet toward teacher-built targets with accelerate.
 
 One step, for each of B latents per process (STEREO.md):
-  1. draw which negative the latent is about (balanced round robin over the negatives);
+  1. objective.sample(): the negative the latent is about (balanced) and the teacher's conditions;
   2. x_t, t <- the student's own DDIM chain conditioned on that negative, stopped at i ∈ [1, 49);
   3. every teacher prediction the objective needs (∅, negatives, anchors) in ONE batched forward;
-  4. target <- objective.target(...)  (ESD or REO formula, `stereo.objectives`);
+  4. target <- objective.target(...)  (ESD or REO formula, `stereo.erasure.objectives`);
   5. loss = MSE(eps_theta(x_t, negative, t), target); backward; optimiser step.
 With `grad_accum` micro-steps per step, each loss is divided by grad_accum (the gradient is
 their mean) and processes all-reduce gradients once per step, on the last micro-step.
@@ -22,118 +22,26 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
-import shutil
 import time
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from stereo.erasure.checkpoints import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
+from stereo.erasure.objectives import ErasureObjective, erasure_loss
 from stereo.erasure.sampling import draw_stop_steps, sample_xt
-from stereo.objectives import erasure_loss, esd_target, reo_target
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DONE = "checkpoint.json"  # written last: a folder with it is a finished checkpoint
-CHECKPOINT_TENSORS = "trainable.safetensors"
-CHECKPOINT_OPTIMIZER = "optimizer.pt"
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the run stopped before the bad update reached the weights."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Objectives: which embeddings condition the student and how the teacher target is composed.
-# ----------------------------------------------------------------------------------------------
-def balanced_indices(num_items: int, start: int, count: int, seed: int) -> torch.Tensor:
-    """Items `start .. start+count-1` of an endless sequence of seeded permutations of range(num_items).
-
-    Every item appears exactly once per `num_items` draws, so sampling stays balanced however
-    the draws are split across steps, processes and resumes.
-    """
-    out = []
-    for position in range(start, start + count):
-        epoch, offset = divmod(position, num_items)
-        perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[offset]))
-    return torch.tensor(out, dtype=torch.long)
-
-
-class ErasureObjective(ABC):
-    """`negatives` (K, L, D): the embeddings to erase; x_t is sampled with, and the student sees, one of them."""
-
-    negatives: torch.Tensor
-    uncond: torch.Tensor  # (L, D) embedding of the empty prompt
-
-    @abstractmethod
-    def teacher_embeddings(self, negative_idx: torch.Tensor, draw: int, seed: int) -> torch.Tensor:
-        """(M, B, L, D): the M conditions the teacher is queried with for each of the B latents."""
-
-    @abstractmethod
-    def target(self, eps_teacher: torch.Tensor) -> torch.Tensor:
-        """(M, B, 4, h, w) teacher predictions -> (B, 4, h, w) regression target."""
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> "ErasureObjective":
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device, dtype))
-        return self
-
-
-@dataclass
-class ESDObjective(ErasureObjective):
-    """ESD: eps* = eps_0(∅) - eta (eps_0(c) - eps_0(∅)) for the drawn concept embedding c."""
-
-    negatives: torch.Tensor
-    uncond: torch.Tensor
-    eta: float = 1.0
-
-    def teacher_embeddings(self, negative_idx, draw, seed):
-        batch = negative_idx.shape[0]
-        uncond = self.uncond.expand(batch, -1, -1)
-        return torch.stack([uncond, self.negatives[negative_idx]])  # (2, B, L, D)
-
-    def target(self, eps_teacher):
-        return esd_target(eps_teacher[0], eps_teacher[1], self.eta)
-
-
-@dataclass
-class REOObjective(ErasureObjective):
-    """REO: eps* = eps_0(∅) + eta_a mean_a(eps_0(a) - eps_0(∅)) - eta_n mean_n(eps_0(n) - eps_0(∅)).
-
-    Each latent draws `anchors_per_step` anchors (balanced over the anchor set) and is compared
-    against EVERY negative; with the student's negative also balanced, all of it is one batch.
-    """
-
-    negatives: torch.Tensor  # (N, L, D) concept prompts + adversarial embeddings
-    uncond: torch.Tensor  # (L, D)
-    anchors: torch.Tensor  # (A, L, D)
-    eta_a: float = 1.0
-    eta_n: float = 3.0
-    anchors_per_step: int = 1
-
-    def teacher_embeddings(self, negative_idx, draw, seed):
-        batch, per = negative_idx.shape[0], self.anchors_per_step
-        picks = balanced_indices(self.anchors.shape[0], draw * per, batch * per, seed + 1)
-        anchors = self.anchors[picks.view(batch, per).T.to(self.anchors.device)]  # (a, B, L, D)
-        negatives = self.negatives[:, None].expand(-1, batch, -1, -1)  # (N, B, L, D)
-        uncond = self.uncond.expand(1, batch, -1, -1)  # (1, B, L, D)
-        return torch.cat([uncond, anchors, negatives])  # (1 + a + N, B, L, D)
-
-    def target(self, eps_teacher):
-        a = self.anchors_per_step
-        return reo_target(eps_teacher[0], eps_teacher[1:1 + a], eps_teacher[1 + a:], self.eta_a, self.eta_n)
-
-
-# ----------------------------------------------------------------------------------------------
-# The trainer
-# ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainerSettings:
     steps: int
@@ -148,11 +56,19 @@ class TrainerSettings:
     resume: bool = False
     log_every: int = 1
     sample_every: int = 0  # call on_sample(step, unet) every N steps (0 = never)
-    ddim_steps: int = 50
-    sample_guidance: float = 3.0
+    ddim_steps: int = 50  # the DDIM grid x_t is sampled on
+    xt_guidance: float = 3.0  # CFG scale of the student's x_t chain
     latent_size: int = 64  # resolution // the VAE's downsampling factor
     seed: int = 0
     desc: str = "erase"
+
+    @classmethod
+    def from_config(cls, cfg, latent_size: int, **overrides) -> "TrainerSettings":
+        """`trainer.*` settings of the same name, `method.ddim_steps/xt_guidance`, `seed`, then `overrides`."""
+        values = {f.name: cfg.trainer[f.name] for f in fields(cls) if f.name in cfg.trainer}
+        values.update(ddim_steps=cfg.method.ddim_steps, xt_guidance=cfg.method.xt_guidance, seed=cfg.seed,
+                      latent_size=latent_size)
+        return cls(**{**values, **overrides})
 
 
 @dataclass
@@ -275,22 +191,21 @@ class ErasureTrainer:
 
     def micro_step_loss(self, step: int, micro: int) -> torch.Tensor:
         """The loss of micro-step `micro` of optimiser step `step` (steps 1-5 above, before backward)."""
-        s, obj = self.settings, self.objective
-        world = self.accelerator.num_processes
-        draw = ((step * s.grad_accum + micro) * world + self.accelerator.process_index) * s.batch_size
-        negative_idx = balanced_indices(obj.negatives.shape[0], draw, s.batch_size, s.seed).to(obj.negatives.device)
-        cond = obj.negatives[negative_idx]  # (B, L, D)
-        seed, device = self._seed(step, micro), self.accelerator.device
-        generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+        s, acc = self.settings, self.accelerator
+        position = ((step * s.grad_accum + micro) * acc.num_processes + acc.process_index) * s.batch_size
+        cond = self.objective.sample(position, s.batch_size)
+        seed = self._seed(step, micro)
+        generator = torch.Generator(device=acc.device if acc.device.type == "cuda" else "cpu").manual_seed(seed)
         stop = draw_stop_steps(s.batch_size, s.ddim_steps, generator)
         self._unwrapped.eval()
-        with self.accelerator.autocast():
-            x_t, t = sample_xt(self._unwrapped, self.scheduler, cond, obj.uncond, stop, num_steps=s.ddim_steps,
-                               guidance=s.sample_guidance, latent_shape=self.latent_shape, generator=generator)
-        target = obj.target(self._teacher_eps(x_t, t, obj.teacher_embeddings(negative_idx, draw, s.seed)))
+        with acc.autocast():
+            x_t, t = sample_xt(self._unwrapped, self.scheduler, cond.student, cond.uncond, stop,
+                               num_steps=s.ddim_steps, guidance=s.xt_guidance, latent_shape=self.latent_shape,
+                               generator=generator)
+        target = self.objective.target(self._teacher_eps(x_t, t, cond.teacher))
         self.student.train()
         with self._seeded_global_rng(seed):
-            eps = self.student(x_t, t, encoder_hidden_states=cond).sample  # autocast applied by accelerate
+            eps = self.student(x_t, t, encoder_hidden_states=cond.student).sample  # autocast applied by accelerate
         return erasure_loss(eps, target)
 
     def accumulate_gradients(self, step: int) -> tuple[float, float]:
@@ -313,7 +228,7 @@ class ErasureTrainer:
     def _check_finite(self, loss: torch.Tensor, step: int) -> float:
         value = self.accelerator.gather(loss.detach().reshape(1)).float()
         if not torch.isfinite(value).all():
-            last = _latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+            last = latest_checkpoint(self.checkpoint_dir)
             raise NonFiniteLossError(
                 f"the loss became {value.tolist()} at step {step + 1}; the weights were not updated. "
                 f"Last good checkpoint: {last or 'none'}. Lower trainer.lr, use mixed_precision=bf16 instead "
@@ -348,79 +263,32 @@ class ErasureTrainer:
         result.seconds = time.perf_counter() - began
         return result
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- checkpoints (the format: stereo/erasure/checkpoints.py) ---------------------------------
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self._unwrapped.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self, step: int) -> Path:
-        """Trainable tensors, their optimiser state and the step into checkpoints/step_N, made visible by a rename.
-
-        The main process writes (every process holds the same weights); the others wait for it.
-        """
-        acc, root = self.accelerator, self.checkpoint_dir
-        final, tmp = root / f"step_{step:07d}", root / f".tmp_step_{step:07d}"
+        """`checkpoints/step_N`, written by the main process (every process holds the same weights); the others wait."""
+        acc, final = self.accelerator, self.checkpoint_dir / f"step_{step:07d}"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file({name: p.detach().cpu().contiguous() for name, p in self._trainable().items()},
-                      tmp / CHECKPOINT_TENSORS)
-            scaler = acc.scaler.state_dict() if acc.scaler is not None else None  # fp16 loss scale
-            torch.save({"optimizer": self.optimizer.state_dict(), "grad_scaler": scaler}, tmp / CHECKPOINT_OPTIMIZER)
-            (tmp / CHECKPOINT_DONE).write_text(json.dumps({"step": step}))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            self._prune_checkpoints()
+            save_checkpoint(self.checkpoint_dir, step, self._trainable(), self.optimizer, acc.scaler,
+                            keep=self.settings.checkpoints_total_limit)
         acc.wait_for_everyone()
         return final
-
-    def _prune_checkpoints(self) -> None:
-        keep = self.settings.checkpoints_total_limit
-        if keep:
-            for old in sorted(self.checkpoint_dir.glob("step_*"))[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
 
     def _maybe_resume(self) -> int:
         if not self.settings.resume or self.checkpoint_dir is None:
             return 0
-        last = _latest_checkpoint(self.checkpoint_dir)
+        last = latest_checkpoint(self.checkpoint_dir)
         if last is None:
             log.info("trainer.resume=true but no finished checkpoint in %s; starting at step 0", self.checkpoint_dir)
             return 0
-        self.load_checkpoint(last)
-        step = json.loads((last / CHECKPOINT_DONE).read_text())["step"]
-        log.info("resumed from %s (step %d)", last, step)
-        return step
-
-    def load_checkpoint(self, folder: Path) -> None:
-        """Every process loads the trainable tensors and optimiser state that `save_checkpoint` wrote."""
-        if not (folder / CHECKPOINT_TENSORS).is_file():
-            raise ValueError(f"{folder} has no {CHECKPOINT_TENSORS}: it was written by an older version (accelerate "
-                             "state); resume with that version, or start a new output_dir")
-        tensors, params = load_file(folder / CHECKPOINT_TENSORS), self._trainable()
-        if tensors.keys() != params.keys():
-            raise ValueError(
-                f"{folder} holds {len(tensors)} trainable tensors that do not match this run's {len(params)} "
-                f"(e.g. {sorted(tensors.keys() ^ params.keys())[:3]}): it was written with another parameter "
-                "subset or LoRA setting. Resume with the same method settings, or start a new output_dir."
-            )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors[name])
-        state = torch.load(folder / CHECKPOINT_OPTIMIZER, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["grad_scaler"] is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+        load_checkpoint(last, self._trainable(), self.optimizer, self.accelerator.scaler)  # on every process
+        log.info("resumed from %s (step %d)", last, checkpoint_step(last))
+        return checkpoint_step(last)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], settings: TrainerSettings, device: torch.device):
     """AdamW; fused on CUDA (one kernel over all tensors, without the multi-tensor path's temporaries)."""
     fused = True if device.type == "cuda" else None  # None: torch's default for the device
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
-
-
-def _latest_checkpoint(root: Path | None) -> Path | None:
-    if root is None or not root.is_dir():
-        return None
-    done = [p for p in sorted(root.glob("step_*")) if (p / CHECKPOINT_DONE).is_file()]
-    return done[-1] if done else None
-

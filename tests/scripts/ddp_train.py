@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from stereo.train import train  # noqa: E402
+from stereo.recipes import train  # noqa: E402
 from tests.conftest import FAST, compose  # noqa: E402
 
 
@@ -27,8 +27,9 @@ def gradient_syncs_with_accumulation(steps: int, grad_accum: int) -> dict:
     from accelerate import Accelerator
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+    from stereo.erasure.objectives import ESDObjective
     from stereo.erasure.subsets import select_trainable
-    from stereo.erasure.trainer import ErasureTrainer, ESDObjective, TrainerSettings
+    from stereo.erasure.trainer import ErasureTrainer, TrainerSettings
     from stereo.models.tiny import sd_scheduler, tiny_unet
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Run by tests/test_train.py under `torchrun --nproc_per_node 2`: what must be one thing across processes.
 
-Each process builds a Session whose output_dir contains `${now:...}` (resolved per process, to the
+Each process builds a RunContext whose output_dir contains `${now:...}` (resolved per process, to the
 microsecond) and reads REO's anchors from its own file (standing in for an LLM that answers each
 request differently); it writes what it ended up with to <out>/rank<r>.json.
 """
@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from stereo.config import compose
-from stereo.erasure.session import Session
-from stereo.reo import concept_anchors
+from stereo.erasure.context import RunContext
+from stereo.recipes.stereo import reo_anchors
 
 out = Path(sys.argv[1])
 rank = int(os.environ["RANK"])
@@ -21,8 +21,7 @@ anchors_file.write_text(f"a quiet village street seen by process {rank}\n")
 cfg = compose(["model=tiny", "method=reo", "concept=church", "trainer.cpu=true",
                f"concepts.church.anchors={anchors_file}"])
 cfg.output_dir = str(out / "run_${now:%H-%M-%S-%f}")
-session = Session(cfg)
-report = {"output_dir": str(session.output_dir), "config_output_dir": cfg.output_dir,
-          "anchors": concept_anchors(session), "num_processes": session.accelerator.num_processes}
+with RunContext(cfg) as ctx:
+    report = {"output_dir": str(ctx.output_dir), "config_output_dir": cfg.output_dir,
+              "anchors": reo_anchors(ctx), "num_processes": ctx.accelerator.num_processes}
 (out / f"rank{rank}.json").write_text(json.dumps(report))
-session.close()

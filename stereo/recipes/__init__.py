@@ -1,0 +1,25 @@
+"""The erasure recipes, one per `method.name`, each readable top to bottom as its paper's algorithm.
+
+  esd     ESD (Gandikota et al. 2023): `recipes/esd.py`
+  stereo  STEREO (Srivatsan et al. 2025): STE then REO, `recipes/stereo.py`
+  reo     REO on the concept prompts alone, the no-search ablation: `recipes/stereo.py`
+
+A recipe takes a `RunContext` (accelerator, base pipeline, output folder) and returns its outputs.
+"""
+
+from __future__ import annotations
+
+from stereo.config import validate
+from stereo.erasure.context import RunContext
+from stereo.recipes import esd, stereo
+
+RECIPES = {"esd": esd.run_esd, "reo": stereo.run_reo_only, "stereo": stereo.run_stereo}
+
+
+def train(cfg) -> dict:
+    """Validate `cfg`, run the recipe of `cfg.method.name` and return its outputs (export folder, losses, ...)."""
+    validate(cfg)
+    if cfg.method.name not in RECIPES:
+        raise ValueError(f"method.name={cfg.method.name!r} is not valid; choose one of {', '.join(RECIPES)}")
+    with RunContext(cfg) as ctx:
+        return RECIPES[cfg.method.name](ctx)
