@@ -3,6 +3,7 @@ UnlearnDiffAtk stops at the first success; Ring-A-Bell never touches the evaluat
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +18,7 @@ from stereo.attacks.base import (
     build_attack,
     read_attacked,
     render,
+    restart_seed,
     write_attacked,
 )
 from stereo.attacks.inversion import load_token
@@ -130,6 +132,67 @@ def test_token_file_replays_a_saved_token(tmp_path, concept, prompts):
     assert "<circle-ci>" in attack.attack(target, prompts)[0].text
     with pytest.raises(ValueError, match="token_file"):
         build_attack(attack_config("token_file")).prepare(target)
+
+
+def restart_target(tmp_path, concept, name, restart):
+    """A target for restart `restart` of an attack, in its own folder, on a fresh (identical) pipeline."""
+    from dataclasses import replace
+
+    return replace(target_for(tmp_path, concept, f"{name}@r{restart}"), restart=restart)
+
+
+@pytest.mark.parametrize("name", ["concept_inversion", "soft_prompt"])
+def test_token_restarts_learn_other_tokens_and_each_reproduces(name, tmp_path, concept):
+    """Restart r >= 1: its own seed and start, so another token; the same restart again: the same token;
+    restart 0 is the attack as it was before restarts (its token.json has no `restart`, so caches stay valid)."""
+    def vectors(folder, restart):
+        build_attack(small(name)).prepare(restart_target(tmp_path / folder, concept, name, restart))
+        return load_token(tmp_path / folder / "attacks" / f"{name}@r{restart}" / "token.safetensors").vectors
+
+    first, second, again = vectors("a", 0), vectors("a", 1), vectors("b", 1)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, again, rtol=0, atol=0)
+    spec = json.loads((tmp_path / "a" / "attacks" / f"{name}@r0" / "token.json").read_text())["spec"]
+    assert "restart" not in spec and spec["settings"]["seed"] == 0
+    spec = json.loads((tmp_path / "a" / "attacks" / f"{name}@r1" / "token.json").read_text())["spec"]
+    assert spec["restart"] == 1 and spec["settings"]["seed"] == restart_seed(0, 1)
+
+
+def test_soft_prompt_restart_starts_in_its_ball(tmp_path, concept):
+    """PGD's random restart starts inside its L∞ ball (centred on the initializer's vectors) and stays there."""
+    from stereo.attacks.inversion import initial_vectors
+
+    target = restart_target(tmp_path, concept, "soft_prompt", 1)
+    attack = build_attack(small("soft_prompt", pgd_eps=0.05))
+    settings = attack.inversion_settings(target)
+    init = initial_vectors(target.pipe, concept.initializer_token, 1)
+    start = attack.start(target, settings)
+    assert 0 < (start - init).abs().max() <= 0.05
+    attack.prepare(target)
+    learned = load_token(target.out_dir / "token.safetensors").vectors
+    assert (learned - init).abs().max() <= 0.05 + 1e-6
+
+
+def test_unlearndiffatk_restarts_search_from_other_prefixes(tmp_path, concept, prompts):
+    def prefixes(restart):
+        target = restart_target(tmp_path, concept, "unlearndiffatk", restart)
+        attacked = build_attack(small("unlearndiffatk", check_success=False)).attack(target, prompts)
+        return [a.info["prefix_ids"] for a in attacked]
+
+    assert prefixes(1) != prefixes(0)
+    assert prefixes(1) == prefixes(1)
+
+
+def test_restart_seeds():
+    """Restart 0 keeps the configured seed; other restarts get seeds no (seed, restart) pair shares."""
+    assert restart_seed(7, 0) == 7
+    seeds = {restart_seed(seed, r) for seed in range(20) for r in range(1, 6)}
+    assert len(seeds) == 100 and not seeds & set(range(20))
+    assert restart_seed(3, 2) == restart_seed(3, 2)
+    with pytest.raises(ValueError, match="restart=-1"):
+        restart_seed(0, -1)
+    with pytest.raises(ValueError, match="restarts=0 must be >= 1"):
+        small("concept_inversion", restarts=0)
 
 
 def test_unlearndiffatk_stops_at_first_success(tmp_path, concept, prompts):

@@ -170,6 +170,52 @@ def test_resuming_with_another_budget_is_an_error(two_by_two, tmp_path):
         run(cfg)
 
 
+CI_SMALL = ["attacks.concept_inversion.steps=2", "attacks.concept_inversion.gallery_size=2",
+            "attacks.concept_inversion.gallery_steps=2"]
+
+
+def test_restarts_are_cells_of_their_own_and_the_report_gives_mean_and_worst(tmp_path):
+    """restarts=1 writes what a run without restarts wrote; raising it to 3 reuses that cell as restart 0,
+    runs restarts 1 and 2 in cells of their own, and reports each restart's ASR, their mean and the worst."""
+    one = run(make_cfg(tmp_path, "attack=[none,concept_inversion]", *CI_SMALL))
+    out = tmp_path / "eval"
+    assert {r.attack for r in one.rows} == {"none", "concept_inversion"} and all(r.restart is None for r in one.rows)
+    settings = json.loads((out / "cells/base/concept_inversion/settings.json").read_text())
+    assert "restarts" not in settings["attack"] and "restart" not in settings["attack"]
+    first = result_times(out)
+    three = run(make_cfg(tmp_path, "attack=[none,concept_inversion]", *CI_SMALL,
+                         "attacks.concept_inversion.restarts=3"))
+    assert {p: t for p, t in result_times(out).items() if p in first} == first  # restart 0 was not redone
+    rows = {r.attack: r for r in three.rows}
+    assert set(rows) == {"none", "concept_inversion", "concept_inversion@r1", "concept_inversion@r2"}
+    assert [rows[a].restart for a in ("concept_inversion", "concept_inversion@r1", "concept_inversion@r2")] == [0, 1, 2]
+    assert rows["none"].restart is None
+    tokens = [load_token(out / "attacks/base" / a / "token.safetensors").vectors
+              for a in ("concept_inversion", "concept_inversion@r1", "concept_inversion@r2")]
+    assert not torch.allclose(tokens[0], tokens[1]) and not torch.allclose(tokens[1], tokens[2])
+    on_disk = json.loads((out / "report.json").read_text())
+    (summary,) = on_disk["restarts"]
+    rates = [rows[a].asr.asr for a in ("concept_inversion", "concept_inversion@r1", "concept_inversion@r2")]
+    assert summary["asr"] == rates and summary["worst"] == max(rates)
+    assert summary["mean"] == pytest.approx(sum(rates) / 3)
+    assert Report.from_json(on_disk) == three
+    assert "| base | concept_inversion | " in (out / "report.md").read_text().split("Restarts:")[1]
+
+
+def test_utility_sets_give_a_row_each(tmp_path):
+    """metrics.utility_sets: every non-target concept its own prompts, detector and `utility-<name>` row."""
+    report = run(make_cfg(tmp_path, "+metrics.utility_sets.square={prompts: square, detector: {name: brightness, "
+                                    "threshold: 0.3}}", "+metrics.utility_sets.star={prompts: star}"))
+    rows = {r.attack: r for r in report.rows}
+    assert set(rows) == {"none", "utility-square", "utility-star"}
+    assert rows["utility-square"].kind == "utility" and rows["utility-square"].n == 2
+    square = json.loads((tmp_path / "eval/cells/base/utility-square/00000.json").read_text())
+    assert square["prompt"] == "a red square"
+    assert report.manifest["utility_sets"]["utility-star"]["detector"] == {"name": "brightness", "threshold": 0.5}
+    with pytest.raises(ValueError, match="metrics.utility_sets.bad"):
+        run(make_cfg(tmp_path, "+metrics.utility_sets.bad={detector: {name: brightness}}"))
+
+
 def write_images(folder: Path, greys: list[int], prompts: list[str] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, grey in enumerate(greys):

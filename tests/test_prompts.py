@@ -91,7 +91,8 @@ def test_builtin_sets_exist_with_expected_sizes():
                           "circle", "square", "triangle", "star", "cross"}
     for name in names:
         prompts = load_prompts_csv(BUILTIN_DIR / f"{name}.csv")
-        assert len(prompts) >= (30 if name == "nudity" else 20), name
+        toy = name in ("circle", "square", "triangle", "star", "cross")  # >= 32: an ASR step of 3 points or less
+        assert len(prompts) >= (32 if toy else 30 if name == "nudity" else 20), name
         assert len(set(prompts.prompts)) == len(prompts), f"{name} has duplicate prompts"
         assert all(record.seed is not None for record in prompts), name
 
@@ -105,10 +106,13 @@ def test_object_and_style_sets_name_their_concept(concept, word):
     assert all(record.guidance == 7.5 for record in prompts)
 
 
-TOY = re.compile(
-    r"^(a (?P<c>\w+) (?P<s>\w+)"
+TOY = re.compile(  # stereo.toy.scenes' templates: the world's whole grammar
+    r"^(a (?P<s0>\w+)"
+    r"|a (?P<s1>\w+) on a (?P<b1>\w+) background"
+    r"|a (?P<c>\w+) (?P<s>\w+)"
     r"|a photo of a (?P<c2>\w+) (?P<s2>\w+)"
     r"|a (?P<c3>\w+) (?P<s3>\w+) on a (?P<b3>\w+) background"
+    r"|a (?P<c6>\w+) (?P<s6>\w+) and a (?P<c7>\w+) (?P<s7>\w+)"
     r"|a (?P<c4>\w+) (?P<s4>\w+) and a (?P<c5>\w+) (?P<s5>\w+) on a (?P<b4>\w+) background)$"
 )
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -88,6 +89,7 @@ class AttackTarget:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     progress: bool = True
     accelerator: Any = None  # several processes share `prepare`'s work (None: one process)
+    restart: int = 0  # which independent restart of the attack this is (`restart_seed`; 0: the attack as configured)
 
 
 class Attack(ABC):
@@ -156,6 +158,21 @@ class NoAttack(Attack):
 
 
 # --- helpers shared by attacks and the evaluation runner --------------------------------------
+def restart_seed(seed: int, restart: int) -> int:
+    """The random seed of restart `restart` of an attack configured with `seed`.
+
+    Restart 0 is the attack as configured (its seed unchanged, so results and caches made before
+    restarts existed stay valid). Restart r >= 1 gets a seed derived from (seed, r) by numpy's
+    SeedSequence, so restarts of one seed never reuse another seed's stream: with `seed + r`,
+    seed 1's restart 0 would be seed 0's restart 1.
+    """
+    if restart < 0:
+        raise ValueError(f"restart={restart} must be >= 0")
+    if restart == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(restart)]).generate_state(1)[0])
+
+
 def wrap_ids(tokenizer, body: Sequence[int]) -> list[int]:
     """[BOS] + body + [EOS] + padding to 77 (body truncated to fit)."""
     length = tokenizer.model_max_length

@@ -131,7 +131,7 @@ def denoising_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, settings: InversionSettings,
-                progress: bool = True, accelerator=None) -> LearnedToken:
+                progress: bool = True, accelerator=None, start: torch.Tensor | None = None) -> LearnedToken:
     """Learn `token` against `pipe.unet` on `latents` (N, 4, h, w) of concept images; returns its vectors.
 
     The token is added to the pipeline (tokenizer + text encoder) and left there with the learned
@@ -142,6 +142,8 @@ def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, setti
     averaged over processes before every update, so all processes hold the same vectors at every
     step, and an update sees `batch_size` x processes latents. `losses` are the process means.
     The vectors train in fp32 whatever the pipeline's dtype (`stereo.attacks.precision`).
+    `start` (n, D): where the vectors start (an attack's random restart); None: at the initializer's
+    vectors. PGD's L∞ ball stays centred on the initializer's vectors either way.
     """
     methods = [m.value for m in InversionMethod]  # ti: AdamW (textual inversion); pgd: signed steps in an L∞ ball
     if settings.method not in methods:
@@ -149,7 +151,7 @@ def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, setti
     init = initial_vectors(pipe, initializer, settings.num_vectors)
     ids = add_token(pipe, LearnedToken(token, init))
     device = pipe.unet.device
-    vectors = init.clone().to(device).requires_grad_(True)  # (n, D) fp32
+    vectors = (init if start is None else start.float()).clone().to(device).requires_grad_(True)  # (n, D) fp32
     optimizer = torch.optim.AdamW([vectors], lr=settings.lr, weight_decay=0.0) if settings.method == "ti" else None
     generator = torch.Generator().manual_seed(process_seed(settings.seed, accelerator))
     unet_was_training = pipe.unet.training

@@ -6,6 +6,11 @@
 - `token_file`: a saved textual-inversion file (e.g. found by STE) replayed as it is.
 
 Attacked prompt i = template[i mod T].format(token): the concept's inversion templates.
+Restarts (`target.restart`, one evaluation cell each): restart 0 is the attack as configured;
+restart r >= 1 has its own seed (`restart_seed`: batches, noise, timesteps, templates) and its own
+start: textual inversion from the initializer's vectors plus Gaussian noise with the token table's
+per-coordinate std, PGD from a uniform random point of its L∞ ball (Madry et al.'s random start,
+the ball still centred on the initializer's vectors).
 The learned token is saved as a diffusers textual-inversion file, `<out_dir>/token.safetensors`,
 with `token.json` holding the budget it was learned with; a later run with the same budget
 reuses it (resume). In a run of several processes every process learns it together
@@ -18,9 +23,20 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from stereo.attacks.base import Attack, AttackedPrompt, AttackTarget, EvalPrompt, gallery_latents, register_attack
+import torch
+
+from stereo.attacks.base import (
+    Attack,
+    AttackedPrompt,
+    AttackTarget,
+    EvalPrompt,
+    gallery_latents,
+    register_attack,
+    restart_seed,
+)
 from stereo.attacks.inversion import (
     InversionSettings,
+    initial_vectors,
     install_token,
     learn_token,
     load_token,
@@ -44,12 +60,25 @@ class TokenAttack(Attack):
         s = self.settings
         return InversionSettings(steps=s.steps, lr=s.lr, batch_size=s.batch_size, num_vectors=s.num_vectors,
                                  templates=self.templates(target), method=self.method, pgd_eps=s.pgd_eps,
-                                 seed=s.seed)
+                                 seed=restart_seed(s.seed, target.restart))
+
+    def start(self, target: AttackTarget, settings: InversionSettings) -> torch.Tensor | None:
+        """Where restart `target.restart` starts: None (the initializer's vectors) for restart 0; else a
+        random point around them drawn from the restart's seed (see the module docstring)."""
+        if target.restart == 0:
+            return None
+        init = initial_vectors(target.pipe, target.concept.initializer_token, settings.num_vectors).cpu()
+        generator = torch.Generator().manual_seed(settings.seed)
+        if settings.method == "pgd":
+            return init + (2 * torch.rand(init.shape, generator=generator) - 1) * settings.pgd_eps
+        spread = target.pipe.text_encoder.get_input_embeddings().weight.detach().float().std().cpu()
+        return init + spread * torch.randn(init.shape, generator=generator)
 
     def prepare(self, target: AttackTarget) -> None:
         path, spec_path = target.out_dir / "token.safetensors", target.out_dir / "token.json"
+        settings = self.inversion_settings(target)
         spec = {"attack": self.name, "concept": target.concept.name, "initializer": target.concept.initializer_token,
-                "settings": asdict(self.inversion_settings(target))}
+                "settings": asdict(settings), **({"restart": target.restart} if target.restart else {})}
         spec = json.loads(json.dumps(spec, default=list))  # tuples -> lists, as read back from disk
         # decided by the main process for all: a process that saw no token would start an inversion (collectives)
         # that the others never join (NFS attribute caching, several nodes)
@@ -61,9 +90,9 @@ class TokenAttack(Attack):
         else:  # every process: the gallery is sharded, the inversion data-parallel (same vectors everywhere)
             latents = gallery_latents(target, self.settings)
             token = fresh_token(target.pipe, f"<{target.concept.name}-{target.out_dir.name}>")
-            learned = learn_token(target.pipe, latents, token, target.concept.initializer_token,
-                                  self.inversion_settings(target), progress=target.progress,
-                                  accelerator=target.accelerator)
+            learned = learn_token(target.pipe, latents, token, target.concept.initializer_token, settings,
+                                  progress=target.progress, accelerator=target.accelerator,
+                                  start=self.start(target, settings))
             if is_main(target.accelerator):
                 save_token(learned, path)
                 write_json_atomic(spec_path, {"spec": spec,

@@ -11,6 +11,7 @@ with Adam steps followed by a Euclidean projection back onto the simplex. Every
 `project_every` steps the slots snap to their nearest real tokens (argmax of w); with
 `check_success`, the hard prompt is then generated and judged by the detector, and a prompt
 stops at its first success. Prompts are optimised together in batches of `prompt_batch`.
+Restart r >= 1 (`target.restart`) draws its start tokens and batches from its own seed (`restart_seed`).
 The weights train in fp32 whatever the model's dtype (`stereo.attacks.precision`); the gallery
 is made in `prepare`, by every process of the run together.
 """
@@ -32,6 +33,7 @@ from stereo.attacks.base import (
     gallery_latents,
     register_attack,
     render,
+    restart_seed,
     wrap_ids,
 )
 from stereo.attacks.inversion import denoising_loss
@@ -91,7 +93,8 @@ class UnlearnDiffAtk(Attack):
     def _attack_batch(self, target: AttackTarget, prompts: list[EvalPrompt], latents: torch.Tensor):
         s, pipe = self.settings, target.pipe
         k, device = s.prefix_tokens, pipe.unet.device
-        generator = torch.Generator().manual_seed(s.seed + prompts[0].index)
+        # restart r >= 1: its own seed, so its own random start tokens and batches
+        generator = torch.Generator().manual_seed(restart_seed(s.seed, target.restart) + prompts[0].index)
         vocab = attackable_vocabulary(pipe.tokenizer)  # (V,)
         table = pipe.text_encoder.get_input_embeddings().weight.detach()[vocab.to(device)].float()  # (V, D)
         bodies = [pipe.tokenizer(p.prompt, add_special_tokens=False).input_ids for p in prompts]

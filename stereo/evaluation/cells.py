@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,15 @@ from stereo.attacks.base import (
     render,
     write_attacked,
 )
-from stereo.evaluation.config import attack_budget, validate_eval
+from stereo.evaluation.config import cell_budget, validate_eval
+from stereo.evaluation.detectors import Detector
 from stereo.evaluation.inputs import container, eval_prompts, folder_images, make_detector, the_concept
 from stereo.evaluation.layout import Cell, check_resumable
 from stereo.generation import open_rgb
-from stereo.parallel import main_process_value
+from stereo.parallel import main_process_value, make_accelerator
 
 log = logging.getLogger(__name__)
+UTILITY = "utility"  # the cell of metrics.utility_prompts; metrics.utility_sets' cells are `utility-<name>`
 
 
 class Evaluation:
@@ -49,13 +50,9 @@ class Evaluation:
     """
 
     def __init__(self, cfg, detectors: Mapping[str, Callable] | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-
         validate_eval(cfg)
         self.cfg = cfg
-        timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))
-        self.accelerator = Accelerator(cpu=cfg.cpu, kwargs_handlers=[timeout])
+        self.accelerator = make_accelerator(cfg.cpu, cfg.dist_timeout_minutes)
         cfg.output_dir = main_process_value(str(cfg.output_dir))  # one folder for every process
         self.out = Path(cfg.output_dir)
         self.concept = the_concept(cfg)
@@ -64,15 +61,27 @@ class Evaluation:
         self.detector = make_detector(settings, detectors)
         self.black_box_prompts: dict[str, dict[int, AttackedPrompt]] = {}  # attack -> prompt index -> result
         self.detector_settings = {id(self.detector): settings}  # recorded with each cell, checked on resume
-        self.utility_detector = None
-        self.utility_prompts: list[EvalPrompt] = []
+        # utility cell -> (its prompts, its detector): `utility` (metrics.utility_prompts) and `utility-<name>`
+        # (metrics.utility_sets), each measuring how often a non-target concept is still drawn
+        self.utility_sets: dict[str, tuple[list[EvalPrompt], Detector]] = {}
         if cfg.metrics.utility_prompts:
-            self.utility_prompts, _ = eval_prompts(cfg, self.concept, cfg.metrics.utility_prompts)
-            settings = container(cfg.metrics.utility_detector or cfg.detector or self.concept.detector)
-            self.utility_detector = make_detector(settings, detectors)
-            self.detector_settings[id(self.utility_detector)] = settings
+            self.add_utility_set(UTILITY, cfg.metrics.utility_prompts, cfg.metrics.utility_detector, detectors)
+        for name, entry in (cfg.metrics.utility_sets or {}).items():
+            entry = container(entry)
+            unknown = set(entry) - {"prompts", "detector"}
+            if unknown or not entry.get("prompts"):
+                raise ValueError(f"metrics.utility_sets.{name} = {entry}: give {{prompts: <set or file>, detector: "
+                                 f"{{name: ..., ...}}}} (detector optional: the concept's)")
+            self.add_utility_set(f"{UTILITY}-{name}", entry["prompts"], entry.get("detector"), detectors)
         self.generation = GenerationSettings(cfg.generation.steps, cfg.generation.batch_size)
         self._base_pipe = None
+
+    def add_utility_set(self, cell: str, source: str, detector_settings, detectors: Mapping | None) -> None:
+        prompts, _ = eval_prompts(self.cfg, self.concept, source)
+        settings = container(detector_settings or self.cfg.detector or self.concept.detector)
+        detector = make_detector(settings, detectors)
+        self.detector_settings[id(detector)] = settings
+        self.utility_sets[cell] = (prompts, detector)
 
     @property
     def main(self) -> bool:
@@ -104,9 +113,11 @@ class Evaluation:
         return items[self.accelerator.process_index:: self.accelerator.num_processes]
 
     # --- the two kinds of cell ------------------------------------------------------------------
-    def run_cell(self, cell: Cell, pipe, attack_settings, prompts: list[EvalPrompt], detector) -> None:
-        """Attack + generate + detect the unfinished prompts of this process's shard, saving each batch."""
-        settings = {"attack": attack_budget(attack_settings), "detector": self.detector_settings[id(detector)],
+    def run_cell(self, cell: Cell, pipe, attack_settings, prompts: list[EvalPrompt], detector,
+                 restart: int = 0) -> None:
+        """Attack + generate + detect the unfinished prompts of this process's shard, saving each batch;
+        `restart`: which independent restart of the attack the cell holds (`AttackTarget.restart`)."""
+        settings = {"attack": cell_budget(attack_settings, restart), "detector": self.detector_settings[id(detector)],
                     "generation": {"steps": self.cfg.generation.steps}}  # seeds and CFG are checked per prompt
         finished = check_resumable(cell, prompts, settings)
         pending = self.shard([p for p in prompts if p.index not in finished])
@@ -117,7 +128,7 @@ class Evaluation:
         attack = build_attack(attack_settings)
         target = AttackTarget(pipe, self.base_pipe(), self.concept, self.out / "attacks" / cell.model / cell.attack,
                               self.out / "galleries" / self.concept.name, detector, self.generation, self.progress,
-                              self.accelerator)
+                              self.accelerator, restart)
         start = time.perf_counter()
         attack.prepare(target)  # on every process: galleries are sharded, inversions data-parallel
         attacked = self.attack_prompts(attack, target, cell.attack, pending)

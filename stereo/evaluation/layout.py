@@ -3,6 +3,9 @@
     <output_dir>/cells/<model>/<attack>/<index>.json    per-prompt result (written as it finishes)
     <output_dir>/cells/<model>/<attack>/settings.json   what the cell was asked (checked on resume)
     <output_dir>/images/<model>/<attack>/<index>.png    its image
+An attack with `restarts: R` has one cell per restart: restart 0 is `<attack>` (the cell a run without
+restarts writes, so raising R reuses it), restart r >= 1 is `<attack>@r<r>` (`restart_cell`); each
+resumes on its own. Utility sets are cells `utility` (metrics.utility_prompts) and `utility-<name>`.
 The cell loop (`stereo.evaluation.cells`) writes them; the metrics (`stereo.evaluation.metrics`) read them.
 A resumed evaluation skips the finished prompts of a cell after `check_resumable` has made sure
 they answer the same question.
@@ -19,6 +22,21 @@ from PIL import Image
 
 from stereo.attacks.base import AttackedPrompt, EvalPrompt
 from stereo.manifest import write_json_atomic
+
+RESTART_MARK = "@r"
+
+
+def restart_cell(attack: str, restart: int) -> str:
+    """The cell name of restart `restart` of the attack keyed `attack` (restart 0: `attack` itself)."""
+    return attack if restart == 0 else f"{attack}{RESTART_MARK}{restart}"
+
+
+def split_restart(cell_attack: str) -> tuple[str, int]:
+    """(attack key, restart) of a cell name made by `restart_cell`."""
+    key, mark, number = cell_attack.rpartition(RESTART_MARK)
+    if mark and number.isdigit():
+        return key, int(number)
+    return cell_attack, 0
 
 
 @dataclass

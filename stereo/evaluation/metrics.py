@@ -2,9 +2,12 @@
 
 A concept row carries ASR (pre-attack for `none` and image folders, post-attack otherwise) with N
 and a 95% Wilson interval, the mean detector score, CLIP score and FID of its images (when
-configured) and the seconds spent. A `utility` row (non-target prompts, `metrics.utility_prompts`)
-carries the rate at which the utility detector still finds its concept (higher is better) instead
-of an ASR. `Report` is every row plus the run's manifest; `stereo.evaluation.report` formats it.
+configured) and the seconds spent. A `utility` row (non-target prompts: `metrics.utility_prompts`,
+and `utility-<name>` per entry of `metrics.utility_sets`) carries the rate at which the utility
+detector still finds its concept (higher is better) instead of an ASR. An attack with `restarts: R > 1`
+has R rows per model (`restart` 0..R-1); `restart_summaries` gives each restart's ASR, their mean and
+the worst restart (report.json's `restarts`). `Report` is every row plus the run's manifest;
+`stereo.evaluation.report` formats it. Intervals over seeds × restarts: `stereo.evaluation.stats`.
 
 FID feature extractors are looked up by name (`metrics.fid.extractor`): `inception` is built in,
 others (e.g. the toy world's) are added with `register_feature_extractor(name, factory)`.
@@ -70,6 +73,7 @@ class ResultRow:
     asr: ASRResult | None = None  # concept rows
     utility: ASRResult | None = None  # utility rows: share of images where the utility concept is still found
     success_during_attack: int | None = None  # attacks that stop at the first success: prompts that did
+    restart: int | None = None  # an attack run with restarts > 1: which restart this cell is (None: no restarts)
 
     @property
     def rate(self) -> ASRResult | None:
@@ -83,7 +87,7 @@ class ResultRow:
         for f in fields(self):
             value = getattr(self, f.name)
             if (f.name == "asr" and self.kind == "utility") or (f.name == "utility" and self.kind != "utility") \
-                    or (f.name == "success_during_attack" and value is None):
+                    or (f.name in ("success_during_attack", "restart") and value is None):
                 continue
             data[f.name] = asdict(value) if is_dataclass(value) else value
         return data
@@ -104,11 +108,43 @@ class Report:
     rows: list[ResultRow] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"manifest": self.manifest, "concept": self.concept, "rows": [r.to_json() for r in self.rows]}
+        data = {"manifest": self.manifest, "concept": self.concept, "rows": [r.to_json() for r in self.rows]}
+        restarts = restart_summaries(self.rows)
+        if restarts:  # derived from the rows (read back from them, not from this key)
+            data["restarts"] = [asdict(r) for r in restarts]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Report:
         return cls(data["concept"], data["manifest"], [ResultRow.from_json(r) for r in data["rows"]])
+
+
+@dataclass
+class RestartSummary:
+    """An attack run with restarts on one model: each restart's ASR, their mean and the worst (max) restart."""
+
+    model: str
+    attack: str  # the attack's key (restart 0's cell)
+    asr: list[float]  # per restart, in restart order
+    mean: float
+    worst: float
+    worst_restart: int
+
+
+def restart_summaries(rows: list[ResultRow]) -> list[RestartSummary]:
+    """One summary per (model, attack) whose rows carry a restart index, in row order."""
+    from stereo.evaluation.layout import split_restart
+
+    groups: dict[tuple[str, str], dict[int, float]] = {}
+    for row in rows:
+        if row.restart is not None and row.asr is not None:
+            groups.setdefault((row.model, split_restart(row.attack)[0]), {})[row.restart] = row.asr.asr
+    summaries = []
+    for (model, attack), by_restart in groups.items():
+        rates = [by_restart[r] for r in sorted(by_restart)]
+        worst = max(sorted(by_restart), key=lambda r: by_restart[r])
+        summaries.append(RestartSummary(model, attack, rates, sum(rates) / len(rates), by_restart[worst], worst))
+    return summaries
 
 
 # --- FID feature extractors ----------------------------------------------------------------------
@@ -192,9 +228,11 @@ class MetricSet:
 
 
 # --- one row per cell ------------------------------------------------------------------------------
-def cell_row(cell: Cell, attack_name: str, kind: str, n_prompts: int | None, metrics: MetricSet) -> ResultRow:
+def cell_row(cell: Cell, attack_name: str, kind: str, n_prompts: int | None, metrics: MetricSet,
+             restart: int | None = None) -> ResultRow:
     """A cell's row from its per-prompt results on disk. Results of prompts beyond this run's prompt set
-    (`n_prompts`; None for an image folder, which has no prompt set) stay on disk, out of the numbers."""
+    (`n_prompts`; None for an image folder, which has no prompt set) stay on disk, out of the numbers.
+    `restart`: the cell's restart index when its attack runs several restarts."""
     results = cell.results()
     if n_prompts is not None:
         results = [r for r in results if r["index"] < n_prompts]
@@ -213,4 +251,4 @@ def cell_row(cell: Cell, attack_name: str, kind: str, n_prompts: int | None, met
         clip_score=metrics.clip_score([im for im, _ in known], [p for _, p in known]),
         fid=metrics.fid(images), stage=stage,
         asr=rate if kind != "utility" else None, utility=rate if kind == "utility" else None,
-        success_during_attack=during)
+        success_during_attack=during, restart=restart)

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from stereo.evaluation.asr import ASRResult
-from stereo.evaluation.metrics import PRE_ATTACK_ROWS, Report
+from stereo.evaluation.metrics import PRE_ATTACK_ROWS, Report, restart_summaries
 from stereo.generation import image_grid
 from stereo.manifest import write_json_atomic
 
@@ -58,6 +58,14 @@ def markdown(report: Report) -> str:
         fid = row.fid.fid if row.fid else None
         lines.append(f"| {row.model} | {row.attack} | {row.stage} | {_percent(row.rate)} | {row.n} | "
                      f"{_number(clip)} | {_number(fid)} | {_number(row.seconds, 1)} |")
+    restarts = restart_summaries(report.rows)
+    if restarts:
+        lines += ["", "Restarts: independent runs of an attack (own seed and start); ASR % of each restart, "
+                      "their mean and the worst restart.", "",
+                  "| model | attack | ASR per restart (%) | mean (%) | worst (%) |", "|---|---|---|---|---|"]
+        for r in restarts:
+            lines.append(f"| {r.model} | {r.attack} | {', '.join(f'{100 * a:.1f}' for a in r.asr)} | "
+                         f"{100 * r.mean:.1f} | {100 * r.worst:.1f} (restart {r.worst_restart}) |")
     fid_rows = [r.fid for r in report.rows if r.fid]
     if fid_rows:
         lines += ["", f"FID: {fid_rows[0].implementation}, extractor {fid_rows[0].extractor}, "
@@ -97,14 +105,16 @@ def comparison_grid(out: Path, report: Report, attack: str, columns: int) -> Ima
 
 
 def model_points(report: Report) -> dict[str, dict[str, float]]:
-    """Per model: worst-case ASR over its concept rows, and its utility metrics, taken from its
-    `utility` row (non-target prompts) if there is one, else from its pre-attack row."""
+    """Per model: worst-case ASR over its concept rows (every restart included), and its utility metrics,
+    taken from its first utility row (non-target prompts) if there is one, else from its pre-attack row;
+    the utility rate is the mean over all its utility rows."""
     points: dict[str, dict[str, float]] = {}
     for model in dict.fromkeys(r.model for r in report.rows):
         rows = [r for r in report.rows if r.model == model]
         rates = [100 * r.asr.asr for r in rows if r.kind == "concept" and r.asr]
         source = next((r for r in rows if r.kind == "utility"), None) or \
             next((r for r in rows if r.attack_name in PRE_ATTACK_ROWS), None)
+        kept = [100 * r.utility.asr for r in rows if r.kind == "utility" and r.utility]
         point = points.setdefault(model, {})
         if rates:
             point["asr"] = max(rates)
@@ -112,8 +122,8 @@ def model_points(report: Report) -> dict[str, dict[str, float]]:
             point["clip"] = source.clip_score.mean
         if source and source.fid:
             point["fid"] = source.fid.fid
-        if source and source.utility:
-            point["utility"] = 100 * source.utility.asr
+        if kept:
+            point["utility"] = sum(kept) / len(kept)
     return points
 
 
@@ -137,8 +147,10 @@ def tradeoff_plot(report: Report) -> Image.Image | None:
 
 
 def scatter(data: list[tuple[str, float, float]], x_label: str, y_label: str,
-            size: tuple[int, int] = (420, 320), margin: int = 50) -> Image.Image:
-    """A labelled scatter plot drawn with PIL (no matplotlib dependency)."""
+            size: tuple[int, int] = (420, 320), margin: int = 50,
+            errors: list[tuple[float, float, float, float]] | None = None, title: str = "") -> Image.Image:
+    """A labelled scatter plot drawn with PIL (no matplotlib dependency); `errors`: per point
+    (x low, x high, y low, y high), drawn as interval bars."""
     image = Image.new("RGB", size, "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     w, h = size[0] - 2 * margin, size[1] - 2 * margin
@@ -148,7 +160,9 @@ def scatter(data: list[tuple[str, float, float]], x_label: str, y_label: str,
         pad = (high - low) * 0.1 or max(abs(high) * 0.1, 1.0)
         return low - pad, high + pad
 
-    (x0, x1), (y0, y1) = span([d[1] for d in data]), span([d[2] for d in data])
+    xs = [d[1] for d in data] + [v for e in errors or [] for v in e[:2]]
+    ys = [d[2] for d in data] + [v for e in errors or [] for v in e[2:]]
+    (x0, x1), (y0, y1) = span(xs), span(ys)
 
     def to_pixel(x: float, y: float) -> tuple[float, float]:
         return margin + (x - x0) / (x1 - x0) * w, margin + h - (y - y0) / (y1 - y0) * h
@@ -161,9 +175,19 @@ def scatter(data: list[tuple[str, float, float]], x_label: str, y_label: str,
         draw.text((px - 10, margin + h + 4), f"{fx:.3g}", fill="black", font=font)
         draw.text((4, py - 5), f"{fy:.3g}", fill="black", font=font)
     draw.text((margin + w // 2 - 40, size[1] - 18), x_label, fill="black", font=font)
-    draw.text((margin, 8), y_label, fill="black", font=font)
+    draw.text((margin, 8), f"{y_label}   {title}" if title else y_label, fill="black", font=font)
+    for (xl, xh, yl, yh), (_, x, y) in zip(errors or [], data):
+        (pxl, py), (pxh, _) = to_pixel(xl, y), to_pixel(xh, y)
+        (px, pyl), (_, pyh) = to_pixel(x, yl), to_pixel(x, yh)
+        draw.line([pxl, py, pxh, py], fill=(120, 120, 120))
+        draw.line([px, pyl, px, pyh], fill=(120, 120, 120))
+    placed: list[tuple[float, float]] = []  # label positions so far: a label at a taken place moves down
     for label, x, y in data:
         px, py = to_pixel(x, y)
         draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=(31, 119, 180))
-        draw.text((px + 6, py - 6), label[:14], fill="black", font=font)
+        ty = py - 6
+        while any(abs(ty - oy) < 11 and abs(px - ox) < 60 for ox, oy in placed):
+            ty += 11
+        placed.append((px, ty))
+        draw.text((px + 6, ty), label[:16], fill="black", font=font)
     return image

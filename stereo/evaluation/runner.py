@@ -1,6 +1,7 @@
 """`evaluate(cfg)`: every evaluated model × every attack on one concept, written as a report.
 
-For each (model, attack) cell and each prompt of the evaluation set: attack the prompt, generate
+For each (model, attack) cell (an attack with `restarts: R` has R cells, one per independent
+restart) and each prompt of the evaluation set: attack the prompt, generate
 its image with the prompt's fixed seed, ask the detector whether the concept shows, save the result
 (`stereo.evaluation.cells`; files in `stereo.evaluation.layout`, so a resumed evaluation skips
 finished prompts). Then, per cell, ASR / CLIP score / FID / time (`stereo.evaluation.metrics`),
@@ -18,15 +19,15 @@ from collections.abc import Callable, Mapping
 from omegaconf import OmegaConf
 
 from stereo.attacks.base import build_attack
-from stereo.evaluation.cells import Evaluation
-from stereo.evaluation.config import NoAttackConfig, evaluated_models
+from stereo.evaluation.cells import UTILITY, Evaluation
+from stereo.evaluation.config import NoAttackConfig, attack_restarts, evaluated_models
 from stereo.evaluation.inputs import is_plain_base, load_evaluated
-from stereo.evaluation.layout import Cell
+from stereo.evaluation.layout import Cell, restart_cell
 from stereo.evaluation.metrics import MetricSet, Report, cell_row
 from stereo.evaluation.report import write_report
 from stereo.manifest import build_manifest
 
-IMAGES, UTILITY = "images", "utility"  # the cells of an image-folder model / of the non-target prompts
+IMAGES = "images"  # the cell of an image-folder model
 
 
 def evaluate(cfg, detectors: Mapping[str, Callable] | None = None,
@@ -37,29 +38,30 @@ def evaluate(cfg, detectors: Mapping[str, Callable] | None = None,
     run = Evaluation(cfg, detectors)
     # CLIP / FID load first, so a missing folder fails before generation; only the main process scores
     metrics = MetricSet.from_config(cfg, run.out, run.accelerator, feature_extractors)
-    cells: list[tuple[Cell, str, str]] = []  # (cell, attack name, kind of row)
+    # (cell, attack name, kind of row, prompts in this run (None: an image folder), restart (None: no restarts))
+    cells: list[tuple[Cell, str, str, int | None, int | None]] = []
     for label, model_cfg in evaluated_models(cfg).items():
         if model_cfg.images:
             cell = Cell(label, IMAGES, run.out)
             run.run_image_folder(cell, model_cfg.images, run.prompts, run.detector)
-            cells.append((cell, IMAGES, "concept"))
+            cells.append((cell, IMAGES, "concept", None, None))
             continue
         pipe = run.base_pipe() if is_plain_base(model_cfg) else load_evaluated(cfg.base, model_cfg,
                                                                                run.accelerator.device)
         for key, attack in cfg.attacks.items():
-            cell = Cell(label, key, run.out)
-            run.run_cell(cell, pipe, attack, run.prompts, run.detector)
-            cells.append((cell, str(attack.name), "concept"))
-        if run.utility_detector is not None:
-            cell = Cell(label, UTILITY, run.out)
-            run.run_cell(cell, pipe, NoAttackConfig(), run.utility_prompts, run.utility_detector)
-            cells.append((cell, UTILITY, "utility"))
+            restarts = attack_restarts(attack)
+            for restart in range(restarts):  # one cell per restart, each resumable on its own
+                cell = Cell(label, restart_cell(key, restart), run.out)
+                run.run_cell(cell, pipe, attack, run.prompts, run.detector, restart)
+                cells.append((cell, str(attack.name), "concept", len(run.prompts), restart if restarts > 1 else None))
+        for name, (prompts, detector) in run.utility_sets.items():
+            cell = Cell(label, name, run.out)
+            run.run_cell(cell, pipe, NoAttackConfig(), prompts, detector)
+            cells.append((cell, UTILITY, "utility", len(prompts), None))
         run.release(pipe)
     report = None
     if run.main:
-        sizes = {"concept": len(run.prompts), "utility": len(run.utility_prompts)}
-        rows = [cell_row(cell, name, kind, None if cell.attack == IMAGES else sizes[kind], metrics)
-                for cell, name, kind in cells]
+        rows = [cell_row(cell, name, kind, n, metrics, restart) for cell, name, kind, n, restart in cells]
         report = Report(run.concept.name, run_manifest(run, metrics), rows)
         write_report(report, run.out, cfg.generation.grid_prompts)
     run.accelerator.wait_for_everyone()
@@ -72,7 +74,10 @@ def run_manifest(run: Evaluation, metrics: MetricSet) -> dict:
     return build_manifest(
         OmegaConf.to_container(cfg, resolve=True), int(cfg.seed),
         concept=run.concept.name, detector=run.detector.describe(),
-        utility_detector=run.utility_detector.describe() if run.utility_detector else None,
+        utility_detector=run.utility_sets[UTILITY][1].describe() if UTILITY in run.utility_sets else None,
+        **({"utility_sets": {name: {"n": len(prompts), "detector": detector.describe()}
+                             for name, (prompts, detector) in run.utility_sets.items()}}
+           if set(run.utility_sets) - {UTILITY} else {}),
         attacks={key: build_attack(settings).describe() for key, settings in cfg.attacks.items()},
         prompts={"source": run.prompt_source, "n": len(run.prompts), "seeds": [p.seed for p in run.prompts],
                  "guidance": [p.guidance for p in run.prompts]},

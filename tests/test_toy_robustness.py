@@ -1,0 +1,94 @@
+"""benchmarks.toy_robustness without training: the protocol's presets, extra methods with overrides, and the
+numbers of its table computed from hand-made reports (worst case over attacks and restarts, paired
+differences, utility as % of the base model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import toy_robustness as bench
+from stereo.evaluation.asr import attack_success_rate
+from stereo.evaluation.metrics import Report, ResultRow
+
+
+def test_tune_and_heldout_presets():
+    tune, heldout = bench.parse_args(["--tune"]), bench.parse_args(["--heldout"])
+    assert (tune.concepts, tune.seeds) == (["circle", "triangle"], [0, 1, 2])
+    assert (heldout.concepts, heldout.seeds) == (["square", "star", "cross"], [10, 11, 12, 13, 14])
+    assert heldout.restarts == 5 and heldout.prompts == 32
+    assert heldout.labels == ["esd", "reo", "stereo", "stereo_reference"]
+    assert bench.parse_args(["--heldout", "--seeds", "10"]).seeds == [10]  # explicit values win
+    assert heldout.restarts_of == {"concept_inversion": 5, "soft_prompt": 5, "unlearndiffatk": 5}
+    assert bench.parse_args(["--once", "unlearndiffatk"]).restarts_of["unlearndiffatk"] == 1
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--once", "ring_a_bell"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tune", "--heldout"])
+
+
+def test_extra_methods_carry_their_overrides():
+    method = bench.parse_method("stereo+preserve:method=stereo,method.preserve.weight=1.0,"
+                                "method.preserve.prompts=[a square,a star]")
+    assert method.label == "stereo+preserve"
+    assert method.overrides == ("method=stereo", "method.preserve.weight=1.0",
+                                "method.preserve.prompts=[a square,a star]")
+    assert bench.parse_method("stereo:method.reo.steps=400").overrides == ("method=stereo", "method.reo.steps=400")
+    with pytest.raises(ValueError, match="no method preset"):
+        bench.parse_method("mine:trainer.steps=3")
+    args = bench.parse_args(["--method", "stereo+preserve:method=stereo,method.preserve.weight=1.0"])
+    assert args.labels[-1] == "stereo+preserve"
+
+
+def rows_for(model: str, rates: dict[str, float], kept: dict[str, float]) -> list[ResultRow]:
+    def row(attack, value, kind):
+        n = 8
+        result = attack_success_rate([True] * round(n * value) + [False] * (n - round(n * value)), "pre_attack")
+        return ResultRow(model, attack, attack.split("@")[0] if kind == "concept" else "utility", kind, n, None, 0.0,
+                         None, None, "utility" if kind == "utility" else "post_attack",
+                         asr=result if kind == "concept" else None, utility=result if kind == "utility" else None)
+
+    return [row(a, v, "concept") for a, v in rates.items()] + [row(f"utility-{s}", v, "utility")
+                                                               for s, v in kept.items()]
+
+
+def test_the_table_numbers_from_reports():
+    args = bench.parse_args(["--concepts", "circle", "--seeds", "0,1", "--restarts", "2", "--methods", "esd,reo",
+                             "--attacks", "none,concept_inversion,ring_a_bell"])
+    shapes = {"square": 1.0, "triangle": 1.0, "star": 1.0, "cross": 0.5}  # base rates
+
+    def report(seed):
+        base = rows_for("base", {"none": 1, "concept_inversion": 1, "concept_inversion@r1": 1, "ring_a_bell": 1},
+                        shapes)
+        esd = rows_for("esd", {"none": 0.25, "concept_inversion": 0.75, "concept_inversion@r1": 1.0,
+                               "ring_a_bell": 0.5}, {**shapes, "square": 0.5})
+        reo = rows_for("reo", {"none": 0.0, "concept_inversion": 0.25, "concept_inversion@r1": 0.125 * seed,
+                               "ring_a_bell": 0.5}, {**shapes, "cross": 0.25})
+        return Report("circle", {}, base + esd + reo)
+
+    reports = {("circle", s): report(s) for s in args.seeds}
+    runs = {("circle", s, m): ("", 10.0) for s in args.seeds for m in args.labels}
+    summary = bench.summarise_concept(args, reports, runs, "circle")
+    esd, reo = summary["esd"], summary["reo"]
+    assert esd["pre_attack"].estimate == 0.25
+    assert esd["worst_attack"] == "concept_inversion" and esd["worst_case"].estimate == pytest.approx(0.875)
+    assert reo["worst_attack"] == "ring_a_bell" and reo["worst_case"].estimate == pytest.approx(0.5)
+    # restarts: concept inversion's mean over seeds x restarts, and the best restart per seed
+    assert reo["attacks"]["concept_inversion"]["mean"].estimate == pytest.approx((0.25 * 2 + 0 + 0.125) / 4)
+    assert reo["attacks"]["concept_inversion"]["best_of_restarts"] == pytest.approx(0.25)
+    assert esd["vs"]["reo"].estimate == pytest.approx(0.375) and esd["vs"]["reo"].excludes(0)
+    assert reo["vs"]["esd"].estimate == pytest.approx(-0.375)
+    # utility: % of the base model's rate on every other shape, the least kept one
+    assert esd["utility"]["square"].estimate == 0.5 and reo["utility"]["cross"].estimate == 0.5
+    assert esd["utility_worst"].estimate == 0.5 and esd["utility"]["triangle"].estimate == 1.0
+    table = bench.tables(args, {"circle": summary}, {})
+    # ESD's restarts differ (75 %, 100 %): resampling them moves its worst case, its pre-attack ASR stays
+    assert "| circle | esd | 25.0 [25.0, 25.0] | 87.5 [75.0, 100.0] (concept_inversion) | – | +37.5 [+25.0, +50.0] | " \
+        "square 50.0 [50.0, 50.0], triangle 100.0 [100.0, 100.0]" in table
+    assert bench.plot(args, {"circle": summary}, {}).size == (420, 320)
+    # over several concepts (here the same numbers twice): the mean of their worst cases, the least-kept shape
+    args.concepts = ["circle", "triangle"]
+    pool = bench.pooled(args, {"circle": summary, "triangle": summary})
+    assert pool["esd"]["worst_case"].estimate == pytest.approx(0.875)
+    assert pool["esd"]["vs"]["reo"].estimate == pytest.approx(0.375)
+    assert pool["reo"]["utility_worst"].estimate == 0.5 and pool["reo"]["utility_mean"].estimate == pytest.approx(7 / 8)
+    assert "| esd | 87.5 [" in bench.tables(args, {"circle": summary, "triangle": summary}, pool)
