@@ -157,6 +157,9 @@ class ConceptConfig:
     gallery_prompts: list[str] = field(default_factory=list)  # prompts that depict the concept
     detector: dict[str, Any] = field(default_factory=dict)  # detector name + settings for evaluation
     eval_prompts: Optional[str] = None  # built-in prompt set name or file
+    # concepts to keep, name -> prompts: shown beside the concept in sample grids (their first prompt), scored
+    # by the concept's detector at the end of a run (`utility_seeds`), and preserved when method.preserve.weight > 0
+    neighbours: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -222,6 +225,19 @@ class REOConfig:
 
 
 @dataclass
+class PreserveConfig:
+    """Opt-in preservation term (beyond the paper): each latent also draws one prompt of a concept to keep, and
+    the student's prediction for it is regressed onto the teacher's, weight lambda (stereo.erasure.objectives)."""
+
+    weight: float = 0.0  # lambda; 0 = off (ESD and STEREO as published)
+    prompts: list[str] = field(default_factory=list)  # empty -> every neighbour prompt of the selected concepts
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"method.preserve.weight={self.weight} must be >= 0")
+
+
+@dataclass
 class MethodConfig:
     """The erasure method: `esd`, `reo` (concept only), or `stereo` (STE then REO)."""
 
@@ -235,6 +251,7 @@ class MethodConfig:
     ste_dir: Optional[str] = None  # stage=reo: a finished STE folder whose embeddings to use
     ste: STEConfig = field(default_factory=STEConfig)  # method.name=stereo
     reo: REOConfig = field(default_factory=REOConfig)  # method.name=reo | stereo
+    preserve: PreserveConfig = field(default_factory=PreserveConfig)  # every erasure (ESD, STE rounds, REO)
 
     def __post_init__(self) -> None:
         if not 1 <= self.ddim_steps <= 1000:
@@ -298,6 +315,7 @@ class StereoConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0  # seeds the whole run (x_t noise, anchors, attacks)
+    utility_seeds: int = 4  # images per neighbour prompt in the end-of-run utility check (0 = off)
     output_dir: str = "outputs"  # everything a run writes
     extras: dict[str, Any] = field(default_factory=dict)  # free-form notes for experiments
 
@@ -331,6 +349,10 @@ def validate(cfg: DictConfig | StereoConfig) -> None:
         raise ValueError("export.formats includes 'lora' but method.lora.enabled=false")
     if cfg.method.lora.enabled and "delta" in cfg.export.formats:
         raise ValueError("with method.lora.enabled=true export 'lora' (the adapter), not 'delta'")
+    if cfg.method.preserve.weight > 0 and not cfg.method.preserve.prompts and not any(
+            name not in cfg.concepts for c in cfg.concepts.values() for name in c.neighbours):
+        raise ValueError("method.preserve.weight > 0 but nothing to preserve: set method.preserve.prompts=[...] "
+                         "or the concept's neighbours (concepts.<key>.neighbours)")
 
 
 def erased_subset(cfg: DictConfig | StereoConfig) -> str:

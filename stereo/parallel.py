@@ -21,6 +21,22 @@ import torch
 import torch.distributed as dist
 
 
+def make_accelerator(cpu: bool, timeout_minutes: int, handlers: list | None = None, **kwargs):
+    """An `accelerate.Accelerator` whose collectives wait `timeout_minutes` (training and evaluation alike).
+
+    Main-process-only phases (writing SD 1.4 checkpoints or exports, an LLM call, FID statistics) can outlast
+    NCCL's 10-minute default while the other processes wait in a collective. `handlers` and `kwargs` go to
+    the Accelerator as they are (mixed precision, DDP settings, trackers).
+    """
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))
+    return Accelerator(cpu=cpu, kwargs_handlers=[*(handlers or []), timeout], **kwargs)
+
+
 def rank_and_world(accelerator) -> tuple[int, int]:
     """(this process's index, number of processes); (0, 1) without an accelerator."""
     if accelerator is None:

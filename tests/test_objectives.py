@@ -63,3 +63,12 @@ def test_balanced_indices_cover_every_item_once_per_cycle():
         assert sorted(cycle.tolist()) == [0, 1, 2, 3, 4]
     # any split of the stream (steps, ranks, resumes) gives the same draws
     torch.testing.assert_close(torch.cat([balanced_indices(5, 0, 7, 3), balanced_indices(5, 7, 13, 3)]), idx)
+
+
+def test_the_preservation_draw_is_balanced_over_the_kept_prompts_and_off_by_default():
+    neg, unc, keep = seeded(3, 77, 16, seed=13), seeded(77, 16, seed=14), seeded(4, 77, 16, seed=15)
+    assert ESDObjective(negatives=neg, uncond=unc, preserve=keep).sample(0, 2).keep is None  # lambda = 0: off
+    obj = ESDObjective(negatives=neg, uncond=unc, seed=4, preserve=keep, preserve_weight=0.5)
+    cond = obj.sample(position=6, batch_size=2)
+    torch.testing.assert_close(cond.keep, keep[balanced_indices(4, 6, 2, seed=4 + 2)])
+    torch.testing.assert_close(cond.student, ESDObjective(negatives=neg, uncond=unc, seed=4).sample(6, 2).student)

@@ -184,3 +184,41 @@ def test_sd14_shaped_unet_trains_with_a_half_precision_teacher_under_bf16_autoca
     assert any(not torch.equal(before[n], p) for n, p in trainable(trainer).items())
     assert all(p.dtype == torch.float32 for p in trainer.student.parameters())  # the student trains in fp32
     assert all(p.dtype == teacher_dtype and torch.equal(p, frozen[n]) for n, p in teacher.named_parameters())
+
+
+
+def test_the_preservation_term_is_lambda_times_the_kept_prompts_mse_to_the_teacher(make_accelerator):
+    """loss = MSE(eps_theta(x_t, c), eps*) + lambda MSE(eps_theta(x_t, k), eps_0(x_t, k)) on the same x_t, t; zero
+    while the student equals its teacher, and the erasure part unchanged by the kept rows in the teacher batch."""
+    from stereo.erasure.objectives import balanced_indices
+    from stereo.erasure.sampling import draw_stop_steps, sample_xt
+
+    keep = torch.randn(3, 77, 64, generator=torch.Generator().manual_seed(11))
+    trainer = esd_trainer(make_accelerator(), subset="noxattn", batch_size=2)
+    obj = trainer.objective
+    obj.preserve, obj.preserve_weight = keep, 0.0
+    off = float(trainer.micro_step_loss(0, 0))
+    obj.preserve_weight = 4.0
+    torch.testing.assert_close(float(trainer.micro_step_loss(0, 0)), off)  # student == teacher: the term is 0
+    with torch.no_grad():  # the student drifts from its teacher
+        for p in trainer.student.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    obj.preserve_weight = 0.0
+    off = float(trainer.micro_step_loss(1, 0))
+    obj.preserve_weight = 4.0
+    on = float(trainer.micro_step_loss(1, 0))
+    # the term by hand: the same x_t, t as the trainer draws at step 1, the kept prompts of positions 2, 3
+    cond = obj.sample(position=2, batch_size=2)
+    generator = torch.Generator().manual_seed(trainer._seed(1, 0))
+    stop = draw_stop_steps(2, trainer.settings.ddim_steps, generator)
+    x_t, t = sample_xt(trainer.student, trainer.scheduler, cond.student, cond.uncond, stop, num_steps=4, guidance=3.0,
+                       latent_shape=trainer.latent_shape, generator=generator)
+    kept = keep[balanced_indices(3, 2, 2, seed=0 + 2)]
+    with torch.no_grad():
+        student, teacher = (unet(x_t, t, encoder_hidden_states=kept).sample
+                            for unet in (trainer.student, trainer.teacher))
+    term = 4.0 * float(torch.nn.functional.mse_loss(student, teacher))
+    assert term > 1e-6
+    assert on - off == pytest.approx(term, rel=1e-3)
+    trainer.close()

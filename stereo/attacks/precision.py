@@ -11,6 +11,8 @@ rule is token/prompt optimisation with fp32 parameters under bf16 autocast. So, 
   (fp32's exponent range, no loss scaling needed), its inputs left in fp32 for autocast to cast;
 - elsewhere (CPU) inputs are cast to the module's dtype explicitly: CPU autocast does not cast
   every op's inputs (ENVIRONMENT.md), so relying on it fails there.
+Erasure has its own rule (`stereo/erasure/trainer.py`, "Precision"): there the UNet itself trains, under
+the accelerator's `trainer.mixed_precision`, and only its frozen teacher runs in half precision as it is.
 """
 
 from __future__ import annotations

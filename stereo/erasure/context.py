@@ -9,15 +9,15 @@ helpers: `subsets.make_student`, `TrainerSettings.from_config`, `previews.save_s
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 
+from stereo import parallel
 from stereo.config import erased_subset, to_container
 from stereo.export import export_erased
 from stereo.generation import encode_prompts
@@ -87,6 +87,24 @@ class RunContext:
     def concept_prompts(self) -> list[str]:
         return [p for concept in self.cfg.concepts.values() for p in concept.prompts]
 
+    def neighbours(self) -> dict[str, list[str]]:
+        """Concepts to keep, name -> prompts, of every selected concept (selected concepts themselves excluded)."""
+        out: dict[str, list[str]] = {}
+        for concept in self.cfg.concepts.values():
+            for name, prompts in concept.neighbours.items():
+                if name not in self.cfg.concepts:
+                    out.setdefault(name, [])
+                    out[name] += [p for p in prompts if p not in out[name]]
+        return out
+
+    def preservation(self) -> dict:
+        """The objectives' preservation arguments (`method.preserve`): kept prompts encoded and lambda, or none."""
+        keep = self.cfg.method.preserve
+        if keep.weight == 0:
+            return {}
+        prompts = list(keep.prompts) or [p for prompts in self.neighbours().values() for p in prompts]
+        return {"preserve": self.encode(prompts), "preserve_weight": keep.weight}
+
     @property
     def latent_size(self) -> int:
         return self.cfg.model.resolution // self.pipe.vae_scale_factor
@@ -113,13 +131,11 @@ class RunContext:
 
 
 def make_accelerator(cfg) -> Accelerator:
-    """The run's Accelerator. DDP gradient buckets are views of the gradients (one copy less of the trained
-    subset per GPU), and collectives wait `trainer.dist_timeout_minutes` (main-process-only phases such as
-    writing checkpoints and exports of SD 1.4 can outlast NCCL's 10-minute default)."""
+    """The run's Accelerator: `trainer.mixed_precision`, collectives that wait `trainer.dist_timeout_minutes`
+    (`stereo.parallel.make_accelerator`), and DDP gradient buckets that are views of the gradients (one copy
+    less of the trained subset per GPU)."""
     t = cfg.trainer
     cpu = t.cpu or cfg.model.device == "cpu" or not torch.cuda.is_available()
-    return Accelerator(
-        mixed_precision=t.mixed_precision, cpu=cpu, log_with="wandb" if cfg.logger.name == "wandb" else None,
-        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
-                         InitProcessGroupKwargs(timeout=timedelta(minutes=t.dist_timeout_minutes))],
-    )
+    return parallel.make_accelerator(
+        cpu, t.dist_timeout_minutes, [DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+        mixed_precision=t.mixed_precision, log_with="wandb" if cfg.logger.name == "wandb" else None)

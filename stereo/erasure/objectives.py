@@ -8,6 +8,12 @@ An objective answers two questions for the trainer, and nothing else:
   `sample(position, batch_size)`: which condition each latent is about (x_t is sampled with it and
       the student sees it) and which M conditions the teacher is queried with -> `Conditions`;
   `target(eps_teacher)`: the (M, B, ...) teacher predictions composed into the (B, ...) target.
+Optionally (`preserve`, weight lambda > 0; an extension beyond ESD and STEREO), each latent also draws
+one prompt of a concept to KEEP, and the student's prediction for it is regressed onto the teacher's:
+
+    loss = MSE(eps_theta(x_t, c, t), eps*) + lambda MSE(eps_theta(x_t, k, t), eps_0(x_t, k, t)),
+
+the teacher's eps_0(x_t, k) computed in the same batched call as the target's predictions.
 """
 
 from __future__ import annotations
@@ -52,6 +58,11 @@ def erasure_loss(eps_student: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.mse_loss(eps_student.float(), target.float())
 
 
+def preservation_loss(eps_student_keep: torch.Tensor, eps_teacher_keep: torch.Tensor, weight: float) -> torch.Tensor:
+    """lambda MSE(eps_theta(x_t, k, t), eps_0(x_t, k, t)): the kept concept k predicted as the teacher does."""
+    return weight * F.mse_loss(eps_student_keep.float(), eps_teacher_keep.float())
+
+
 # ----------------------------------------------------------------------------------------------
 # Balanced draws
 # ----------------------------------------------------------------------------------------------
@@ -78,7 +89,8 @@ class Conditions:
 
     student: torch.Tensor  # (B, L, D): x_t is sampled with it (CFG against `uncond`), the student sees it
     uncond: torch.Tensor  # (L, D): the empty prompt
-    teacher: torch.Tensor  # (M, B, L, D): the M conditions the teacher is queried with per latent
+    teacher: torch.Tensor  # (M, B, L, D): the M conditions of the target, per latent
+    keep: torch.Tensor | None = None  # (B, L, D): a prompt to preserve per latent (student and teacher), or None
 
 
 class ErasureObjective(ABC):
@@ -86,15 +98,25 @@ class ErasureObjective(ABC):
 
     `position` counts latents over the whole run (steps, micro-steps and processes interleaved by the
     trainer), not a generator: a resumed run, or another process split, draws the same sequence.
+    `preserve` (P, L, D) and `preserve_weight` (lambda): the optional preservation term (module docstring).
     """
 
     negatives: torch.Tensor
     uncond: torch.Tensor
     seed: int
+    preserve: torch.Tensor | None
+    preserve_weight: float
 
     def draw_negatives(self, position: int, batch_size: int) -> torch.Tensor:
         """(B,) indices into `negatives`, balanced over the run."""
         return balanced_indices(self.negatives.shape[0], position, batch_size, self.seed).to(self.negatives.device)
+
+    def draw_keep(self, position: int, batch_size: int) -> torch.Tensor | None:
+        """(B, L, D) prompts to preserve, balanced over `preserve` (a stream of its own), or None when off."""
+        if self.preserve is None or self.preserve_weight == 0:
+            return None
+        picks = balanced_indices(self.preserve.shape[0], position, batch_size, self.seed + 2)
+        return self.preserve[picks.to(self.preserve.device)]
 
     @abstractmethod
     def sample(self, position: int, batch_size: int) -> Conditions:
@@ -119,11 +141,14 @@ class ESDObjective(ErasureObjective):
     uncond: torch.Tensor  # (L, D)
     eta: float = 1.0
     seed: int = 0
+    preserve: torch.Tensor | None = None
+    preserve_weight: float = 0.0
 
     def sample(self, position, batch_size):
         concept = self.negatives[self.draw_negatives(position, batch_size)]  # (B, L, D)
         uncond = self.uncond.expand(batch_size, -1, -1)
-        return Conditions(student=concept, uncond=self.uncond, teacher=torch.stack([uncond, concept]))  # M = 2
+        return Conditions(student=concept, uncond=self.uncond, teacher=torch.stack([uncond, concept]),  # M = 2
+                          keep=self.draw_keep(position, batch_size))
 
     def target(self, eps_teacher):
         return esd_target(eps_teacher[0], eps_teacher[1], self.eta)
@@ -144,6 +169,8 @@ class REOObjective(ErasureObjective):
     eta_n: float = 3.0
     anchors_per_step: int = 1
     seed: int = 0
+    preserve: torch.Tensor | None = None
+    preserve_weight: float = 0.0
 
     def sample(self, position, batch_size):
         per = self.anchors_per_step
@@ -152,7 +179,8 @@ class REOObjective(ErasureObjective):
         negatives = self.negatives[:, None].expand(-1, batch_size, -1, -1)  # (N, B, L, D)
         uncond = self.uncond.expand(1, batch_size, -1, -1)  # (1, B, L, D)
         return Conditions(student=self.negatives[self.draw_negatives(position, batch_size)], uncond=self.uncond,
-                          teacher=torch.cat([uncond, anchors, negatives]))  # M = 1 + a + N
+                          teacher=torch.cat([uncond, anchors, negatives]),  # M = 1 + a + N
+                          keep=self.draw_keep(position, batch_size))
 
     def target(self, eps_teacher):
         a = self.anchors_per_step

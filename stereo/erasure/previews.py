@@ -16,6 +16,12 @@ def draw(ctx: RunContext, unet, prompts: list[str], seeds: list[int]) -> list:
                         width=res)
 
 
+def grid_prompts(ctx: RunContext, extra: list[str] = ()) -> list[str]:
+    """The concept prompts, `extra` ones (e.g. adversarial prompts), then each neighbour's first prompt: a grid
+    that shows what else the erasure touched, not only that the concept is gone."""
+    return [*ctx.concept_prompts(), *extra, *(prompts[0] for prompts in ctx.neighbours().values() if prompts)]
+
+
 def save_samples(ctx: RunContext, unet, prompts: list[str], name: str, seeds=(0, 1)) -> Path | None:
     """A grid (rows: base model, erased model; columns: prompt × seed) in `samples/NAME.png`, and logged."""
     if not ctx.accelerator.is_main_process:

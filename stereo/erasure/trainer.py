@@ -5,7 +5,7 @@ One step, for each of B latents per process (STEREO.md):
   2. x_t, t <- the student's own DDIM chain conditioned on that negative, stopped at i ∈ [1, 49);
   3. every teacher prediction the objective needs (∅, negatives, anchors) in ONE batched forward;
   4. target <- objective.target(...)  (ESD or REO formula, `stereo.erasure.objectives`);
-  5. loss = MSE(eps_theta(x_t, negative, t), target); backward; optimiser step.
+  5. loss = MSE(eps_theta(x_t, negative, t), target) [+ the optional preservation term]; backward; step.
 With `grad_accum` micro-steps per step, each loss is divided by grad_accum (the gradient is
 their mean) and processes all-reduce gradients once per step, on the last micro-step.
 Each (process, step, micro-step) draws from its own seed (latents, stop steps, dropout), so a
@@ -13,6 +13,7 @@ resumed run replays the exact random stream of an uninterrupted one, and ranks n
 
 Precision: the student trains in fp32 under the accelerator's autocast; a frozen half-precision
 teacher runs as it is (no autocast), its inputs cast to its dtype; targets and losses are fp32.
+(Attacks optimise a few vectors through frozen models instead: their rule is `stereo/attacks/precision.py`.)
 Checkpoints (`checkpoints/step_N`) hold the trainable tensors, their optimiser state and the step:
 the frozen weights come back from the base model. `close()` (or `with ErasureTrainer(...)`) makes
 the accelerator forget this trainer's model and optimiser, so trainers can run one after another.
@@ -32,7 +33,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from stereo.erasure.checkpoints import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
-from stereo.erasure.objectives import ErasureObjective, erasure_loss
+from stereo.erasure.objectives import ErasureObjective, erasure_loss, preservation_loss
 from stereo.erasure.sampling import draw_stop_steps, sample_xt
 
 log = logging.getLogger(__name__)
@@ -202,11 +203,16 @@ class ErasureTrainer:
             x_t, t = sample_xt(self._unwrapped, self.scheduler, cond.student, cond.uncond, stop,
                                num_steps=s.ddim_steps, guidance=s.xt_guidance, latent_shape=self.latent_shape,
                                generator=generator)
-        target = self.objective.target(self._teacher_eps(x_t, t, cond.teacher))
+        keep = cond.keep  # the optional preservation term: its teacher predictions ride in the same batched call
+        eps_teacher = self._teacher_eps(x_t, t, cond.teacher if keep is None else torch.cat([cond.teacher, keep[None]]))
+        target = self.objective.target(eps_teacher[:len(cond.teacher)])
         self.student.train()
-        with self._seeded_global_rng(seed):
-            eps = self.student(x_t, t, encoder_hidden_states=cond.student).sample  # autocast applied by accelerate
-        return erasure_loss(eps, target)
+        with self._seeded_global_rng(seed):  # autocast applied by accelerate
+            if keep is None:
+                return erasure_loss(self.student(x_t, t, encoder_hidden_states=cond.student).sample, target)
+            eps, eps_keep = self.student(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                         encoder_hidden_states=torch.cat([cond.student, keep])).sample.chunk(2)
+        return erasure_loss(eps, target) + preservation_loss(eps_keep, eps_teacher[-1], self.objective.preserve_weight)
 
     def accumulate_gradients(self, step: int) -> tuple[float, float]:
         """Backward through the step's `grad_accum` micro-steps; returns (mean loss over processes, this one's).

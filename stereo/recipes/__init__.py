@@ -12,14 +12,18 @@ from __future__ import annotations
 from stereo.config import validate
 from stereo.erasure.context import RunContext
 from stereo.recipes import esd, stereo
+from stereo.recipes.utility import utility_check
 
 RECIPES = {"esd": esd.run_esd, "reo": stereo.run_reo_only, "stereo": stereo.run_stereo}
 
 
-def train(cfg) -> dict:
-    """Validate `cfg`, run the recipe of `cfg.method.name` and return its outputs (export folder, losses, ...)."""
+def train(cfg, detectors=None) -> dict:
+    """Validate `cfg`, run the recipe of `cfg.method.name` and return its outputs (export folder, losses, ...),
+    then the utility check on the concepts' neighbours (`detectors`: factories by name for this run only)."""
     validate(cfg)
     if cfg.method.name not in RECIPES:
         raise ValueError(f"method.name={cfg.method.name!r} is not valid; choose one of {', '.join(RECIPES)}")
     with RunContext(cfg) as ctx:
-        return RECIPES[cfg.method.name](ctx)
+        out = RECIPES[cfg.method.name](ctx)
+        out["utility"] = utility_check(ctx, out.get("unet"), detectors)
+        return out

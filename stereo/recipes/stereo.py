@@ -34,7 +34,7 @@ from stereo.attacks.gallery import concept_gallery, encode_images
 from stereo.attacks.inversion import InversionSettings, learn_token, templates_for
 from stereo.erasure.context import RunContext
 from stereo.erasure.objectives import ESDObjective, REOObjective
-from stereo.erasure.previews import sampler, save_samples
+from stereo.erasure.previews import grid_prompts, sampler, save_samples
 from stereo.erasure.subsets import make_student, subset_parameter_names
 from stereo.erasure.trainer import ErasureTrainer, TrainerSettings
 from stereo.generation import frozen, swap_unet
@@ -123,7 +123,7 @@ def _erase(ctx: RunContext, unet, targets: list[str], k: int):
     """
     ste_cfg = ctx.cfg.method.ste
     objective = ESDObjective(negatives=ctx.encode(targets), uncond=ctx.encode([""])[0], eta=ste_cfg.erase_eta,
-                             seed=ctx.seed)
+                             seed=ctx.seed, **ctx.preservation())
     student, teacher, _ = make_student(unet, ctx.subset, ctx.cfg.method.lora)
     settings = TrainerSettings.from_config(ctx.cfg, ctx.latent_size, steps=ste_cfg.erase_steps, lr=ste_cfg.erase_lr,
                                            desc=f"ste{k} erase", resume=False, checkpoint_every=0)
@@ -164,18 +164,18 @@ def reo(ctx: RunContext, tokens: list[AdversarialToken]) -> dict:
     log.info("REO: %d negatives (%d adversarial), %d anchors", len(negatives), len(adversarial), len(anchors))
     objective = REOObjective(negatives=ctx.encode(negatives), uncond=ctx.encode([""])[0], anchors=ctx.encode(anchors),
                              eta_a=reo_cfg.eta_a, eta_n=reo_cfg.eta_n, anchors_per_step=reo_cfg.anchors_per_step,
-                             seed=ctx.seed)
+                             seed=ctx.seed, **ctx.preservation())
     student, teacher, names = make_student(ctx.base_unet, ctx.subset, cfg.method.lora)
     settings = TrainerSettings.from_config(cfg, ctx.latent_size, steps=reo_cfg.steps, lr=reo_cfg.lr, desc="reo")
     with ErasureTrainer(ctx.accelerator, student, teacher, ctx.pipe.scheduler, objective, settings,
                         checkpoint_dir=ctx.output_dir / "checkpoints", on_log=ctx.log,
-                        on_sample=sampler(ctx, ctx.concept_prompts(), "reo")) as trainer:
+                        on_sample=sampler(ctx, grid_prompts(ctx), "reo")) as trainer:
         result = trainer.run()
     unet = trainer.student.eval()  # closed: the plain module
     export_dir = ctx.export(unet, names, erased=negatives, anchors=len(anchors),
                             adversarial_tokens=[t.learned.token for t in adversarial],
                             final_loss=result.losses[-1] if result.losses else None)
-    samples = save_samples(ctx, unet, ctx.concept_prompts() + [t.prompt for t in adversarial][:2], "reo")
+    samples = save_samples(ctx, unet, grid_prompts(ctx, [t.prompt for t in adversarial][:2]), "reo")
     return {"export_dir": export_dir, "samples": samples, "losses": result.losses, "unet": unet,
             "trainable": names, "seconds": result.seconds, "negatives": negatives, "anchors": anchors,
             "local_losses": result.local_losses}
