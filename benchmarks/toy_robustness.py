@@ -358,9 +358,8 @@ def number(value, digits: int) -> str:
 def plot(args, per_concept: dict, pool: dict):
     """Worst-case post-attack ASR (x) against the worst other shape's utility (y), one point per method
     with its 95 % CI bars; one panel per concept (and one for all concepts)."""
-    from PIL import Image
 
-    from stereo.evaluation.report import scatter
+    from stereo.evaluation.report import scatter, side_by_side
 
     panels = []
     sources = [(c, per_concept[c]) for c in args.concepts] + ([("all", pool)] if pool else [])
@@ -377,12 +376,7 @@ def plot(args, per_concept: dict, pool: dict):
         if data:
             panels.append(scatter(data, "worst-case post-attack ASR %", "worst other shape, % of base",
                                   errors=errors, title=title))
-    if not panels:
-        return None
-    image = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
-    for i, panel in enumerate(panels):
-        image.paste(panel, (i * panel.width, 0))
-    return image
+    return side_by_side(panels)
 
 
 def to_json(value):

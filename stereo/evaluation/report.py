@@ -138,6 +138,11 @@ def tradeoff_plot(report: Report) -> Image.Image | None:
         data = [(model, p["asr"], p[key]) for model, p in points.items() if "asr" in p and key in p]
         if len(data) > 1:
             panels.append(scatter(data, "worst-case ASR %", label))
+    return side_by_side(panels)
+
+
+def side_by_side(panels: list[Image.Image]) -> Image.Image | None:
+    """Equal-sized plot panels in one row (None without any)."""
     if not panels:
         return None
     plot = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
