@@ -213,6 +213,9 @@ class REOConfig:
     """Stage 2, Robustly Erase Once: eps* = eps(∅) + eta_a (eps(a) - eps(∅)) - eta_n mean_n(eps(n) - eps(∅))."""
 
     steps: int = 200  # REO's optimisation steps
+    # None: `steps` in all. N: N steps per negative (concept prompts + adversarial ones), so that each negative is
+    # drawn as often as the concept alone is in REO-only, however many tokens STE found
+    steps_per_negative: Optional[int] = None
     lr: float = 2e-5  # REO's AdamW learning rate
     eta_a: float = 1.0  # anchor guidance (reference: compositional scale s=2 -> s-1)
     eta_n: float = 3.0  # negative guidance (reference: s+1)
@@ -222,6 +225,8 @@ class REOConfig:
 
     def __post_init__(self) -> None:
         at_least(1, {"method.reo.anchors_per_step": self.anchors_per_step})
+        if self.steps_per_negative is not None:
+            at_least(1, {"method.reo.steps_per_negative": self.steps_per_negative})
 
 
 @dataclass

@@ -93,6 +93,12 @@ def test_reo_stage_from_a_finished_ste_folder(fast_cfg, tmp_path):
     assert not (tmp_path / "reo" / "ste").exists()
 
 
+def test_reo_steps_per_negative_scale_with_what_ste_found(fast_cfg):
+    """method.reo.steps_per_negative=N: REO trains N steps per negative (the concept and every STE token)."""
+    out = train(fast_cfg(*TINY_STEREO, "method.reo.steps_per_negative=2"))
+    assert len(out["negatives"]) == 3 and len(out["losses"]) == 6
+
+
 def test_reo_only_and_errors(fast_cfg, tmp_path):
     out = train(fast_cfg("method=reo", "concept=circle", "concepts.circle.prompts=[circle]", "method.reo.steps=1",
                          "method.reo.num_anchors=4"))

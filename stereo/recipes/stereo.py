@@ -166,7 +166,8 @@ def reo(ctx: RunContext, tokens: list[AdversarialToken]) -> dict:
                              eta_a=reo_cfg.eta_a, eta_n=reo_cfg.eta_n, anchors_per_step=reo_cfg.anchors_per_step,
                              seed=ctx.seed, **ctx.preservation())
     student, teacher, names = make_student(ctx.base_unet, ctx.subset, cfg.method.lora)
-    settings = TrainerSettings.from_config(cfg, ctx.latent_size, steps=reo_cfg.steps, lr=reo_cfg.lr, desc="reo")
+    steps = reo_cfg.steps if reo_cfg.steps_per_negative is None else reo_cfg.steps_per_negative * len(negatives)
+    settings = TrainerSettings.from_config(cfg, ctx.latent_size, steps=steps, lr=reo_cfg.lr, desc="reo")
     with ErasureTrainer(ctx.accelerator, student, teacher, ctx.pipe.scheduler, objective, settings,
                         checkpoint_dir=ctx.output_dir / "checkpoints", on_log=ctx.log,
                         on_sample=sampler(ctx, grid_prompts(ctx), "reo")) as trainer:
