@@ -49,6 +49,10 @@ def sha256_file(path: str | Path) -> str:
 
 
 def build_manifest(config: dict[str, Any], seed: int, **extra: Any) -> dict[str, Any]:
+    """Provenance of a run. `torch_threads` is part of it: on a CPU the thread count changes float reduction
+    order, so the same seed gives other weights with another count (docs/toy_tuning.md)."""
+    import torch
+
     model = config.get("model", {})
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -58,6 +62,7 @@ def build_manifest(config: dict[str, Any], seed: int, **extra: Any) -> dict[str,
         "versions": package_versions(),
         "git_commit": git_commit(),
         "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
         "config": config,
         **extra,
     }
