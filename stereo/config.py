@@ -203,9 +203,12 @@ class STEConfig:
     gallery_steps: int = 50  # DDIM steps per gallery image
     gallery_guidance: float = 7.5  # CFG per gallery image
     inversion: InversionConfig = field(default_factory=InversionConfig)  # the attack of each round
+    # adversarial tokens learned per concept per round (the reference code's num_of_adv_concepts): token 0 starts
+    # at the initializer's vectors, token j > 0 from a random start with its own seed
+    tokens_per_round: int = 1
 
     def __post_init__(self) -> None:
-        at_least(1, {"method.ste.rounds": self.rounds})
+        at_least(1, {"method.ste.rounds": self.rounds, "method.ste.tokens_per_round": self.tokens_per_round})
 
 
 @dataclass

@@ -93,6 +93,22 @@ def test_reo_stage_from_a_finished_ste_folder(fast_cfg, tmp_path):
     assert not (tmp_path / "reo" / "ste").exists()
 
 
+def test_ste_learns_several_distinct_tokens_per_round_and_resumes_them(fast_cfg, tmp_path):
+    """method.ste.tokens_per_round=2: each round keeps two tokens for the concept, the second from a random start
+    (different vectors); the next round erases all of them, REO gets them all, and a finished run reloads them."""
+    run = (*TINY_STEREO, "method.ste.tokens_per_round=2")
+    out = train(fast_cfg(*run))
+    assert [t.learned.token for t in out["tokens"]] == ["<circle-ste0>", "<circle-ste0-1>", "<circle-ste1>",
+                                                        "<circle-ste1-1>"]
+    assert not torch.equal(out["tokens"][0].learned.vectors, out["tokens"][1].learned.vectors)
+    done = json.loads((tmp_path / "run" / "ste" / "round_1" / "done.json").read_text())
+    assert done["erased"] == ["a photo of a <circle-ste0>", "a photo of a <circle-ste0-1>"]
+    assert len(out["negatives"]) == 5  # the concept + 4 tokens
+    again = train(fast_cfg(*run, "method.stage=ste"))["tokens"]  # every round finished: all loaded, none learned
+    for a, b in zip(out["tokens"], again):
+        assert a.learned.token == b.learned.token and torch.equal(a.learned.vectors, b.learned.vectors)
+
+
 def test_reo_steps_per_negative_scale_with_what_ste_found(fast_cfg):
     """method.reo.steps_per_negative=N: REO trains N steps per negative (the concept and every STE token)."""
     out = train(fast_cfg(*TINY_STEREO, "method.reo.steps_per_negative=2"))

@@ -130,6 +130,18 @@ def denoising_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(eps_pred.float(), noise.float())
 
 
+def random_start(pipe, initializer: str, settings: InversionSettings) -> torch.Tensor:
+    """(n, D) a random start for a restart, drawn from `settings.seed`: textual inversion starts from the
+    initializer's vectors plus Gaussian noise with the token table's per-coordinate std; PGD from a uniform
+    random point of its L∞ ball (Madry et al.'s random start; the ball stays centred on the initializer)."""
+    init = initial_vectors(pipe, initializer, settings.num_vectors).cpu()
+    generator = torch.Generator().manual_seed(settings.seed)
+    if settings.method == "pgd":
+        return init + (2 * torch.rand(init.shape, generator=generator) - 1) * settings.pgd_eps
+    spread = pipe.text_encoder.get_input_embeddings().weight.detach().float().std().cpu()
+    return init + spread * torch.randn(init.shape, generator=generator)
+
+
 def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, settings: InversionSettings,
                 progress: bool = True, accelerator=None, start: torch.Tensor | None = None) -> LearnedToken:
     """Learn `token` against `pipe.unet` on `latents` (N, 4, h, w) of concept images; returns its vectors.

@@ -36,10 +36,10 @@ from stereo.attacks.base import (
 )
 from stereo.attacks.inversion import (
     InversionSettings,
-    initial_vectors,
     install_token,
     learn_token,
     load_token,
+    random_start,
     save_token,
     templates_for,
 )
@@ -67,12 +67,7 @@ class TokenAttack(Attack):
         random point around them drawn from the restart's seed (see the module docstring)."""
         if target.restart == 0:
             return None
-        init = initial_vectors(target.pipe, target.concept.initializer_token, settings.num_vectors).cpu()
-        generator = torch.Generator().manual_seed(settings.seed)
-        if settings.method == "pgd":
-            return init + (2 * torch.rand(init.shape, generator=generator) - 1) * settings.pgd_eps
-        spread = target.pipe.text_encoder.get_input_embeddings().weight.detach().float().std().cpu()
-        return init + spread * torch.randn(init.shape, generator=generator)
+        return random_start(target.pipe, target.concept.initializer_token, settings)
 
     def prepare(self, target: AttackTarget) -> None:
         path, spec_path = target.out_dir / "token.safetensors", target.out_dir / "token.json"

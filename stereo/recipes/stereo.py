@@ -31,7 +31,7 @@ import torch
 
 from stereo.anchors import get_anchors
 from stereo.attacks.gallery import concept_gallery, encode_images
-from stereo.attacks.inversion import InversionSettings, learn_token, templates_for
+from stereo.attacks.inversion import InversionSettings, learn_token, random_start, templates_for
 from stereo.erasure.context import RunContext
 from stereo.erasure.objectives import ESDObjective, REOObjective
 from stereo.erasure.previews import grid_prompts, sampler, save_samples
@@ -83,7 +83,8 @@ def ste(ctx: RunContext) -> list[AdversarialToken]:
         began = time.perf_counter()
         targets = round_targets(ctx, found, k)
         erased = _erase(ctx, unet, targets, k)  # 1. outer minimisation
-        tokens = [_attack(ctx, erased, key, k, galleries[key], round_dir) for key in cfg.concepts]  # 2. inner max
+        tokens = [_attack(ctx, erased, key, k, j, galleries[key], round_dir)  # 2. inner maximisation
+                  for key in cfg.concepts for j in range(cfg.method.ste.tokens_per_round)]
         save_round(ctx, round_dir, erased, subset_parameter_names(erased, ctx.subset), tokens, targets, unet,
                    time.perf_counter() - began)
         unet, found = erased, found + tokens  # 3. keep the embeddings; the next round starts from `erased`
@@ -133,23 +134,31 @@ def _erase(ctx: RunContext, unet, targets: list[str], k: int):
     return frozen(trainer.student)  # closed: the plain module, its optimiser state released
 
 
-def _attack(ctx: RunContext, erased, key: str, k: int, latents: torch.Tensor, round_dir: Path) -> AdversarialToken:
-    """Concept inversion against the erased UNet on this round's share of the gallery (data-parallel)."""
+def _attack(ctx: RunContext, erased, key: str, k: int, j: int, latents: torch.Tensor,
+            round_dir: Path) -> AdversarialToken:
+    """Concept inversion against the erased UNet on this round's share of the gallery (data-parallel).
+
+    Token j of the round (`method.ste.tokens_per_round`): j = 0 starts at the initializer's vectors, j > 0
+    from a random start with a seed of its own, so the round finds several blind spots, not one twice.
+    """
     ste_cfg, concept = ctx.cfg.method.ste, ctx.cfg.concepts[key]
     inv = ste_cfg.inversion
     if ste_cfg.gallery_split:
         share = max(1, len(latents) // ste_cfg.rounds)
         latents = latents[k * share:(k + 1) * share] if len(latents) >= ste_cfg.rounds else latents
     templates = templates_for(concept.kind, inv.templates or concept.inversion_templates)
+    seed = ctx.seed * 1000 + k if j == 0 else (ctx.seed * 1000 + k) * 1000 + j
     settings = InversionSettings(steps=inv.steps, lr=inv.lr, batch_size=inv.batch_size, num_vectors=inv.num_vectors,
-                                 templates=templates, method=inv.method, pgd_eps=inv.pgd_eps, seed=ctx.seed * 1000 + k)
-    token = f"<{key}-ste{k}>"
+                                 templates=templates, method=inv.method, pgd_eps=inv.pgd_eps, seed=seed)
+    token = f"<{key}-ste{k}>" if j == 0 else f"<{key}-ste{k}-{j}>"
     with swap_unet(ctx.pipe, erased, for_generation=False) as pipe:  # every process ends with the same vectors
+        start = None if j == 0 else random_start(pipe, concept.initializer_token, settings)
         learned = learn_token(pipe, latents, token, concept.initializer_token, settings,
-                              progress=ctx.accelerator.is_local_main_process, accelerator=ctx.accelerator)
-    ctx.log(None, {f"ste/round{k}/{key}/inversion_loss": learned.losses[-1] if learned.losses else float("nan")})
+                              progress=ctx.accelerator.is_local_main_process, accelerator=ctx.accelerator, start=start)
+    name = key if j == 0 else f"{key}-{j}"
+    ctx.log(None, {f"ste/round{k}/{name}/inversion_loss": learned.losses[-1] if learned.losses else float("nan")})
     prompt = templates_for(concept.kind, concept.inversion_templates)[0].format(token)  # the context it was learned in
-    return AdversarialToken(key, k, learned, prompt, round_dir / f"{key}.safetensors")
+    return AdversarialToken(key, k, learned, prompt, round_dir / f"{name}.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------
