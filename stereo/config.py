@@ -357,10 +357,21 @@ def validate(cfg: DictConfig | StereoConfig) -> None:
         raise ValueError("export.formats includes 'lora' but method.lora.enabled=false")
     if cfg.method.lora.enabled and "delta" in cfg.export.formats:
         raise ValueError("with method.lora.enabled=true export 'lora' (the adapter), not 'delta'")
-    if cfg.method.preserve.weight > 0 and not cfg.method.preserve.prompts and not any(
-            name not in cfg.concepts for c in cfg.concepts.values() for name in c.neighbours):
+    if cfg.method.preserve.weight > 0 and not cfg.method.preserve.prompts and not kept_concepts(cfg):
         raise ValueError("method.preserve.weight > 0 but nothing to preserve: set method.preserve.prompts=[...] "
                          "or the concept's neighbours (concepts.<key>.neighbours)")
+
+
+def kept_concepts(cfg: DictConfig | StereoConfig) -> dict[str, list[str]]:
+    """The neighbours of every selected concept, name -> prompts (de-duplicated, in order), without the
+    selected concepts themselves: what a run must keep (grids, utility check, preservation term)."""
+    kept: dict[str, list[str]] = {}
+    for concept in cfg.concepts.values():
+        for name, prompts in concept.neighbours.items():
+            if name not in cfg.concepts:
+                kept.setdefault(name, [])
+                kept[name] += [p for p in prompts if p not in kept[name]]
+    return kept
 
 
 def erased_subset(cfg: DictConfig | StereoConfig) -> str:

@@ -18,7 +18,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 
 from stereo import parallel
-from stereo.config import erased_subset, to_container
+from stereo.config import erased_subset, kept_concepts, to_container
 from stereo.export import export_erased
 from stereo.generation import encode_prompts
 from stereo.manifest import build_manifest, write_json_atomic
@@ -88,14 +88,8 @@ class RunContext:
         return [p for concept in self.cfg.concepts.values() for p in concept.prompts]
 
     def neighbours(self) -> dict[str, list[str]]:
-        """Concepts to keep, name -> prompts, of every selected concept (selected concepts themselves excluded)."""
-        out: dict[str, list[str]] = {}
-        for concept in self.cfg.concepts.values():
-            for name, prompts in concept.neighbours.items():
-                if name not in self.cfg.concepts:
-                    out.setdefault(name, [])
-                    out[name] += [p for p in prompts if p not in out[name]]
-        return out
+        """Concepts to keep, name -> prompts (`stereo.config.kept_concepts`)."""
+        return kept_concepts(self.cfg)
 
     def preservation(self) -> dict:
         """The objectives' preservation arguments (`method.preserve`): kept prompts encoded and lambda, or none."""

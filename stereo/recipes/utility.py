@@ -34,9 +34,9 @@ def utility_check(ctx: RunContext, unet, detectors=None) -> str | None:
     if scorers is None:
         log.info("no utility check: detector %s cannot score other concepts", detector_cfg.get("name"))
         return None
+    cases = [(name, prompt, seed) for name, prompts in neighbours.items() for prompt in prompts for seed in seeds]
     images = {}
     for which, model in (("base", ctx.base_unet), ("erased", unet)):
-        cases = [(name, prompt, seed) for name, prompts in neighbours.items() for prompt in prompts for seed in seeds]
         drawn = draw(ctx, model, [p for _, p, _ in cases], [s for _, _, s in cases])
         images[which] = {name: [im for (n, _, _), im in zip(cases, drawn) if n == name] for name in neighbours}
     rows = neighbour_utility(scorers, images["base"], images["erased"])
