@@ -1,7 +1,7 @@
 """Typed configuration schemas, registered in Hydra's ConfigStore.
 
 Every YAML under `conf/` is validated against these dataclasses when it is composed, so a misspelled
-key (`trainer.stpes=4`) or choice (`model.kind=sd15`) fails at compose time, naming the key and the
+key (`trainer.stpes=4`) or choice (`model.kind=sd16`) fails at compose time, naming the key and the
 valid values. The defaults live here, once: a YAML under `conf/` sets only what its preset changes.
 Rules about one dataclass's fields are checked in its `__post_init__`; `validate(cfg)` runs them all
 (by instantiating the tree) and then the rules that span several dataclasses.
@@ -36,10 +36,16 @@ class Choice(str, Enum):
 # "sd14-random" is not an identifier, so ModelKind is built from the list of its names.
 ModelKind = Choice("ModelKind", [(name, name) for name in (
     "sd14",          # Stable Diffusion 1.4 from `pretrained` (hub id, diffusers folder or single file)
+    "sd15",          # Stable Diffusion 1.5 from `pretrained` (the same loading paths as sd14)
+    "sd21",          # Stable Diffusion 2.1, 768 px, v-prediction, from `pretrained`
+    "sd21-base",     # Stable Diffusion 2.1-base, 512 px, epsilon, from `pretrained`
+    "sdxl",          # Stable Diffusion XL base 1.0, 1024 px, two text towers, from `pretrained`
     "sd14-random",   # the SD 1.4 architecture with random weights (benchmarks; no download)
+    "sd21-random",   # the SD 2.1 (768 px, v-prediction) architecture with random weights (benchmarks)
+    "sdxl-random",   # the SDXL base architecture with random weights (benchmarks; no download)
     "tiny",          # a random SD-shaped pipeline, ~1 M UNet parameters, 32 px (tests)
     "toy",           # the embedded toy world's trained pipeline (stereo/toy/weights)
-    "pretrained",    # any diffusers SD pipeline from `pretrained`
+    "pretrained",    # any diffusers SD or SDXL pipeline from `pretrained` (class from model_index.json)
 )])
 
 

@@ -10,28 +10,19 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from PIL import Image
 
+from stereo import conditioning
+from stereo.conditioning import encode_ids, prompt_ids  # noqa: F401  (re-exported: the toy and attacks import them here)
 from stereo.export import cast_copy, merged_unet
 
 
-def prompt_ids(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    """(K, 77) token ids, padded and truncated to `model_max_length` as StableDiffusionPipeline does."""
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
-def encode_ids(text_encoder, ids: torch.Tensor) -> torch.Tensor:
-    """(K, 77, D) text-encoder states (last hidden layer, what the UNet reads) of token ids."""
-    return text_encoder(ids.to(text_encoder.device))[0]
-
-
 def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """(K, 77, D) text-encoder states of `prompts`, in the text encoder's dtype and on its device.
+    """Conditions of `prompts` as the UNet reads them, in the text encoder's dtype and on its device.
 
-    Learned tokens are included: a multi-vector token is expanded to its `<tok>_1 ...` pieces as
-    diffusers does (`maybe_convert_prompt`); prompts without learned tokens are read unchanged.
+    SD 1.x / 2.x: (K, 77, D); SDXL: (K, 78, D), the pooled embedding packed as the last row
+    (`stereo.conditioning`). Learned tokens are included: a multi-vector token is expanded to its
+    `<tok>_1 ...` pieces as diffusers does (`maybe_convert_prompt`, per tokenizer).
     """
-    prompts = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in prompts]
-    return encode_ids(pipe.text_encoder, prompt_ids(pipe.tokenizer, prompts))
+    return conditioning.encode(pipe, prompts)
 
 
 @torch.no_grad()
@@ -47,7 +38,8 @@ def generate(
     width: int | None = None,
     batch_size: int = 8,
 ) -> list[Image.Image]:
-    """One image per prompt (or per row of `prompt_embeds`, (N, L, D)), image i from `seeds[i]`.
+    """One image per prompt (or per row of `prompt_embeds`, conditions (N, L, D) of `encode_prompts`), image i
+    from `seeds[i]`.
 
     Each image has its own generator, so an image does not depend on its batch neighbours and
     a resumed or sharded evaluation reproduces it exactly.
@@ -62,16 +54,27 @@ def generate(
         stop = min(start + batch_size, count)
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start:stop]]
         latents = _initial_latents(pipe, generators, height, width, device)
-        kwargs = {"prompt": list(prompts[start:stop])} if prompts is not None else {
-            "prompt_embeds": prompt_embeds[start:stop].to(device, pipe.unet.dtype),
-            "negative_prompt_embeds": encode_prompts(pipe, [""] * (stop - start)).to(pipe.unet.dtype),
-        }
+        kwargs = {"prompt": list(prompts[start:stop])} if prompts is not None else _embeds_kwargs(
+            pipe, prompt_embeds[start:stop].to(device, pipe.unet.dtype),
+            encode_prompts(pipe, [""] * (stop - start)).to(device, pipe.unet.dtype))
+        if conditioning.is_sdxl(pipe):  # the size conditioning `conditioning.predict` gives these latents
+            size = tuple(conditioning.LATENT_TO_PIXEL * s for s in latents.shape[-2:])
+            kwargs.update(original_size=size, target_size=size)
         out = pipe(
             **kwargs, latents=latents, num_inference_steps=steps, guidance_scale=guidance,
             height=height, width=width, output_type="pil",
         )
         images.extend(out.images)
     return images
+
+
+def _embeds_kwargs(pipe, cond: torch.Tensor, uncond: torch.Tensor) -> dict:
+    """The pipeline's embedding arguments for conditions and unconditional ones (SDXL: split off the pooled row)."""
+    if not conditioning.is_sdxl(pipe):
+        return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
+    (embeds, pooled), (negative, negative_pooled) = (conditioning.split_pooled(c, pipe) for c in (cond, uncond))
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled}
 
 
 def _initial_latents(pipe, generators, height, width, device) -> torch.Tensor:
@@ -110,10 +113,12 @@ def swap_unet(pipe, unet, *, for_generation: bool = True) -> Iterator:
     For generation, a frozen UNet already in the pipeline's dtype and device is used as it is; anything
     else (a student being trained, an fp32 UNet in a half-precision pipeline) is replaced by a
     `frozen_copy`, because SD 1.4's fp16/bf16 text encoder and VAE cannot run against fp32 UNet weights
-    or latents. `for_generation=False` (attacks: they never decode latents) uses `unet` as it is, so an
-    fp32 erased UNet is attacked at its own precision.
+    or latents. The pipeline's dtype is its text encoder's: the pipelines cast prompt embeddings and
+    latents to it (SDXL upcasts an fp16 VAE to fp32 for decoding on its own, or keeps an fp32 one).
+    `for_generation=False` (attacks: they never decode latents) uses `unet` as it is, so an fp32 erased
+    UNet is attacked at its own precision.
     """
-    dtype, device = pipe.vae.dtype, pipe.vae.device
+    dtype, device = pipe.text_encoder.dtype, pipe.text_encoder.device
     ready = unet.dtype == dtype and unet.device == device and not any(p.requires_grad for p in unet.parameters())
     own = pipe.unet
     pipe.unet = unet.eval() if ready or not for_generation else frozen_copy(unet, dtype, device)

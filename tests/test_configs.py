@@ -64,7 +64,8 @@ def test_unknown_option_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("override,key,valid", [
-    ("model.kind=sd15", "model.kind", "sd14, sd14-random, tiny, toy, pretrained"),
+    ("model.kind=sd16", "model.kind",
+     "sd14, sd15, sd21, sd21-base, sdxl, sd14-random, sd21-random, sdxl-random, tiny, toy, pretrained"),
     ("method.subset=attn", "method.subset", "xattn, noxattn, selfattn, full"),
     ("method.name=stereoo", "method.name", "esd, reo, stereo"),
     ("method.stage=both", "method.stage", "all, ste, reo"),

@@ -45,7 +45,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sd14-random", choices=["sd14-random", "tiny"])
+    parser.add_argument("--model", default="sd14-random", choices=["sd14-random", "sd21-random", "sdxl-random", "tiny"])
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for memory_<model>.{md,json}")
     parser.add_argument("--json", metavar="PATH", help="also write the per-phase estimate as JSON ('-': stdout)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")

@@ -69,6 +69,7 @@ def estimate(setup: Setup, log=print) -> list[Phase]:
     """Every phase of the issue's list, after the fixes and (where something changed) before them."""
     began = time.perf_counter()
     tick = lambda what: log(f"  traced {what} ({time.perf_counter() - began:.1f} s)")  # noqa: E731
+    bars = _bars(setup)
     esd = trace_erasure(setup, conditions=2)
     tick("ESD step")
     ddp_view, ddp_copy = (ddp_step(setup, esd, mode) for mode in ("view", "copy"))
@@ -84,16 +85,16 @@ def estimate(setup: Setup, log=print) -> list[Phase]:
     adamw_state = esd[0][OPT_SECTIONS["fused"]].optimizer
     gallery = round_up(setup.gallery_size * 4 * latent_size(setup) ** 2 * 4)  # fp32 latents
 
-    phases = [erasure_phase("ESD-u, 1 GPU", esd, "fused", BARS_GIB["esd"]),
+    phases = [erasure_phase("ESD-u, 1 GPU", esd, "fused", bars.get("esd")),
               erasure_phase("ESD-u, 1 GPU — before: foreach AdamW", esd, "foreach", None),
-              erasure_phase("ESD-u, 4-process DDP, per GPU (bucket view, fused)", ddp_view, "fused", BARS_GIB["ddp"]),
+              erasure_phase("ESD-u, 4-process DDP, per GPU (bucket view, fused)", ddp_view, "fused", bars.get("ddp")),
               erasure_phase("ESD-u, DDP — bucket view, foreach AdamW", ddp_view, "foreach", None),
               erasure_phase("ESD-u, DDP — buckets as copies, fused AdamW", ddp_copy, "fused", None),
               erasure_phase("ESD-u, DDP — before: buckets as copies, foreach AdamW", ddp_copy, "foreach", None)]
     for k in range(setup.rounds):
         phases += _ste_round(setup, k, esd, ste_attack, unet_bf16, adamw_state, gallery)
     reo_name = f"REO after {setup.rounds} rounds (teacher batch {1 + setup.anchors_per_step + negatives}×{setup.batch})"
-    phases.append(erasure_phase(reo_name, reo, "fused", BARS_GIB["reo"]))
+    phases.append(erasure_phase(reo_name, reo, "fused", bars.get("reo")))
     phases.append(erasure_phase(reo_name + " — before: every round's UNet + AdamW kept, foreach", reo, "foreach",
                                 None).with_resident("kept STE UNets + AdamW states", setup.rounds * unet_bf16,
                                                     setup.rounds * adamw_state))
@@ -110,16 +111,22 @@ def ddp_step(setup: Setup, esd, mode: str):
     return {**early, **traced}, resident, trainable
 
 
+def _bars(setup: Setup) -> dict[str, float]:
+    """Issue 11's bars (GiB) are SD 1.4 figures; other models are estimated without a bar."""
+    return BARS_GIB if setup.model == "sd14-random" else {}
+
+
 def _ste_round(setup, k, esd, attack, unet_bf16, adamw_state, gallery) -> list[Phase]:
+    bars = _bars(setup)
     unet_fp32 = 2 * unet_bf16  # STE's erased UNets keep the student's fp32 weights (the STE recipe)
-    erase = erasure_phase(f"STE round {k} erase", esd, "fused", BARS_GIB["ste"])
+    erase = erasure_phase(f"STE round {k} erase", esd, "fused", bars.get("ste"))
     erase = erase.with_resident("gallery latents", gallery).with_resident(
         "teacher (round k-1's erased UNet, fp32)", unet_fp32 if k else 0)
     before = erasure_phase(f"STE round {k} erase — before: earlier rounds kept, foreach", esd, "foreach", None)
     before = before.with_resident("gallery latents", gallery).with_resident(
         "kept earlier rounds' UNets (one is the teacher) + AdamW", k * unet_bf16, k * adamw_state)
     sections, resident = attack
-    hit = Phase(f"STE round {k} attack (concept inversion)", sections, dict(resident), BARS_GIB["ste"])
+    hit = Phase(f"STE round {k} attack (concept inversion)", sections, dict(resident), bars.get("ste"))
     hit = hit.with_resident("gallery latents", gallery).with_resident(
         "erased UNets of rounds k-1 and k (fp32)", (2 if k else 1) * unet_fp32).with_resident(
         "fp32 attack activations (traced in bf16, counted twice)", sections["attack step"].activations)

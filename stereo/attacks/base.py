@@ -11,7 +11,8 @@ An attack turns plain evaluation prompts into attacked prompts for one evaluated
 concept gallery, its text encoder for black-box attacks), the concept, the detector (attacks
 that stop at the first success) and a folder for artifacts. An attacked prompt is text (which
 may contain learned tokens, loaded into the evaluated pipeline) and, for hard-token attacks
-whose tokens would not survive decoding and re-tokenising, the exact token ids.
+whose tokens would not survive decoding and re-tokenising, the exact token ids: the first text
+tower's; SDXL's second tower reads the same ids between its own [BOS]/[EOS]/padding (`condition_of_ids`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stereo.generation import encode_ids, generate
+from stereo.conditioning import encode_tokens, text_towers
+from stereo.generation import generate
 
 # name -> module that defines (and registers) the attack; imported on first use.
 ATTACK_MODULES = {
@@ -59,7 +61,7 @@ class AttackedPrompt:
     seed: int
     guidance: float
     text: str  # what the text encoder reads (may contain learned tokens)
-    token_ids: list[int] | None = None  # (77,) exact ids for hard-token attacks; None: tokenise `text`
+    token_ids: list[int] | None = None  # (77,) exact ids (first tokenizer) of hard-token attacks; None: tokenise `text`
     info: dict[str, Any] = field(default_factory=dict)  # attack-specific: steps used, loss, success
 
     @classmethod
@@ -181,6 +183,27 @@ def wrap_ids(tokenizer, body: Sequence[int]) -> list[int]:
     return ids + [tokenizer.pad_token_id] * (length - len(ids))
 
 
+def body_of(tokenizer, ids: Sequence[int]) -> list[int]:
+    """The tokens between [BOS] and the first [EOS] of wrapped ids (`wrap_ids`' inverse)."""
+    ids = list(ids)
+    start = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+    stop = ids.index(tokenizer.eos_token_id, start) if tokenizer.eos_token_id in ids[start:] else len(ids)
+    return ids[start:stop]
+
+
+def condition_of_ids(pipe, ids: torch.Tensor) -> torch.Tensor:
+    """The condition (`stereo.conditioning`) of (K, 77) token ids of the first tokenizer.
+
+    One text tower: the ids as they are. SDXL: tower 2 reads the same tokens, wrapped by its own
+    tokenizer (its padding is "!", not [EOS]); the hard-token attacks use ids both tokenizers share.
+    """
+    towers = text_towers(pipe)
+    first = towers[0][0]
+    per_tower = [ids] + [torch.tensor([wrap_ids(tokenizer, body_of(first, row)) for row in ids.tolist()])
+                         for tokenizer, _ in towers[1:]]
+    return encode_tokens(pipe, per_tower)
+
+
 def render(pipe, attacked: Sequence[AttackedPrompt], generation: GenerationSettings) -> list[Image.Image]:
     """Images of attacked prompts through `stereo.generation.generate` (one per prompt, its own seed).
 
@@ -195,7 +218,7 @@ def render(pipe, attacked: Sequence[AttackedPrompt], generation: GenerationSetti
         common = {"steps": generation.steps, "guidance": guidance, "batch_size": generation.batch_size}
         if by_ids:
             with torch.no_grad():
-                embeds = encode_ids(pipe.text_encoder, torch.tensor([attacked[i].token_ids for i in members]))
+                embeds = condition_of_ids(pipe, torch.tensor([attacked[i].token_ids for i in members]))
             out = generate(pipe, seeds=seeds, prompt_embeds=embeds, **common)
         else:
             out = generate(pipe, [attacked[i].text for i in members], seeds, **common)

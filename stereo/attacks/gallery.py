@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from stereo.conditioning import is_sdxl
 from stereo.generation import generate, open_rgb
 from stereo.manifest import write_json_atomic
 from stereo.parallel import is_main, on_main, rank_and_world, wait_for_everyone
@@ -58,11 +59,22 @@ def concept_gallery(pipe, prompts: list[str], n: int, cache_dir: str | Path, *, 
 
 @torch.no_grad()
 def encode_images(pipe, images: list[Image.Image], batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (N, 4, h, w) scaled like the UNet's training data (mean of the posterior × scaling)."""
-    processor = pipe.image_processor
-    device, dtype = pipe.vae.device, pipe.vae.dtype
-    latents = []
-    for start in range(0, len(images), batch_size):
-        pixels = processor.preprocess(images[start:start + batch_size]).to(device, dtype)
-        latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
+    """VAE latents (N, 4, h, w) scaled like the UNet's training data (mean of the posterior × scaling).
+
+    SDXL's VAE overflows in fp16 (its config says `force_upcast`): there it encodes in fp32, as the SDXL
+    pipelines do, and is put back in its dtype afterwards.
+    """
+    processor, vae = pipe.image_processor, pipe.vae
+    device, dtype = vae.device, vae.dtype
+    upcast = is_sdxl(pipe) and dtype == torch.float16 and vae.config.get("force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        latents = []
+        for start in range(0, len(images), batch_size):
+            pixels = processor.preprocess(images[start:start + batch_size]).to(device, vae.dtype)
+            latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
+    finally:
+        if upcast:
+            vae.to(dtype)
     return torch.cat(latents).float()

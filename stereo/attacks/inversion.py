@@ -3,8 +3,14 @@
 Concept inversion (Pham et al. 2023, "Circumventing Concept Erasure"): textual inversion
 (Gal et al. 2023) against the erased UNet. A new token, initialised from a related word, is the
 only thing that trains; the loss is the plain denoising loss on images of the concept made by
-the ORIGINAL model:   min_v  E_{x0, eps, t} || eps_theta(x_t, c(template(v)), t) - eps ||^2
-(`denoising_loss`, also UnlearnDiffAtk's objective).
+the ORIGINAL model:   min_v  E_{x0, eps, t} || f_theta(x_t, c(template(v)), t) - target ||^2
+(`denoising_loss`, also UnlearnDiffAtk's objective), with target = eps, or v on a v-prediction
+model (SD 2.1: `stereo.conditioning.denoising_target`).
+
+Every family: the token lives in each text tower of `stereo.conditioning.text_towers` (one for SD
+1.x / 2.x, two for SDXL). Its vectors are (n, d1 + d2) on SDXL: tower i reads its slice, both slices
+train together, and the file is the one diffusers' SDXL examples load tower by tower
+({"clip_l": (n, d1), "clip_g": (n, d2)}, the token's name in the file's metadata).
 
 `method="pgd"` is the soft-prompt variant (AdvUnlearn style): signed-gradient steps on the
 same loss, projected onto an L∞ ball of radius `pgd_eps` around the initial vectors.
@@ -21,10 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from stereo.attacks.precision import Precision
+from stereo.conditioning import denoising_target, predict, text_towers
 from stereo.config import InversionConfig, InversionMethod
 from stereo.generation import encode_prompts
 from stereo.parallel import mean_over_processes, process_seed
@@ -45,13 +53,25 @@ class InversionSettings(InversionConfig):
     seed: int = 0
 
 
+SDXL_KEYS = ("clip_l", "clip_g")  # diffusers' SDXL textual-inversion file: one tensor per text tower, in order
+
+
 @dataclass
 class LearnedToken:
-    """A learned embedding: `token` (as typed in prompts) and its (n, D) vectors."""
+    """A learned embedding: `token` (as typed in prompts) and its (n, D) vectors.
+
+    `widths`: the text towers' widths (d1, d2) when the token is an SDXL one (D = d1 + d2, tower i
+    reads its slice); empty for a one-tower (SD 1.x / 2.x) token.
+    """
 
     token: str
     vectors: torch.Tensor
     losses: list[float] = field(default_factory=list)
+    widths: tuple[int, ...] = ()
+
+    def per_tower(self) -> list[torch.Tensor]:
+        """The vectors each text tower reads: [(n, D)] for one tower, [(n, d1), (n, d2)] for SDXL."""
+        return list(self.vectors.split(list(self.widths), dim=-1)) if self.widths else [self.vectors]
 
 
 def templates_for(kind: str, custom=None) -> tuple[str, ...]:
@@ -62,83 +82,160 @@ def templates_for(kind: str, custom=None) -> tuple[str, ...]:
     return TEMPLATES[kind]
 
 
+def tower_widths(pipe) -> tuple[int, ...]:
+    """The token-embedding widths of the pipeline's text towers: (D,) for SD, (d1, d2) for SDXL."""
+    return tuple(encoder.get_input_embeddings().weight.shape[-1] for _, encoder in text_towers(pipe))
+
+
+def token_widths(pipe) -> tuple[int, ...]:
+    """`LearnedToken.widths` of a token learned in `pipe`: () with one tower, the towers' widths with two."""
+    widths = tower_widths(pipe)
+    return widths if len(widths) > 1 else ()
+
+
 def initial_vectors(pipe, initializer: str, num_vectors: int) -> torch.Tensor:
-    """(n, D) copies of the mean input embedding of `initializer`'s BPE pieces."""
-    ids = pipe.tokenizer(initializer, add_special_tokens=False).input_ids
-    if not ids:
-        raise ValueError(f"initializer word {initializer!r} tokenizes to nothing")
-    table = pipe.text_encoder.get_input_embeddings().weight
-    return table[ids].detach().float().mean(0, keepdim=True).repeat(num_vectors, 1)
+    """(n, D) copies of the mean input embedding of `initializer`'s BPE pieces (SDXL: each tower's, side by side)."""
+    means = []
+    for tokenizer, encoder in text_towers(pipe):
+        ids = tokenizer(initializer, add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError(f"initializer word {initializer!r} tokenizes to nothing")
+        table = encoder.get_input_embeddings().weight
+        means.append(table[ids].detach().float().mean(0, keepdim=True).repeat(num_vectors, 1))
+    return torch.cat(means, dim=-1)
 
 
-def add_token(pipe, learned: LearnedToken) -> list[int]:
-    """Register the token in the pipeline's tokenizer and text encoder, as `load_textual_inversion` does."""
-    vectors = learned.vectors.to(pipe.text_encoder.device, pipe.text_encoder.dtype)
-    pipe.load_textual_inversion({learned.token: vectors}, token=learned.token)
-    return token_ids(pipe, learned.token, vectors.shape[0])
+def check_widths(pipe, learned: LearnedToken) -> None:
+    """A token fits a pipeline when it has one slice per text tower, each as wide as that tower's table."""
+    want, have = tower_widths(pipe), tuple(v.shape[-1] for v in learned.per_tower())
+    if want != have:
+        raise ValueError(f"token {learned.token!r} has vectors of widths {have} but this pipeline's text towers "
+                         f"take {want}: a token learned on another model family (SD 1.x / 2.x tokens are one "
+                         f"(n, D) tensor, SDXL tokens a clip_l + clip_g pair); learn or load one for this model")
 
 
-def token_ids(pipe, token: str, num_vectors: int) -> list[int]:
+def add_token(pipe, learned: LearnedToken) -> list[list[int]]:
+    """Register the token in each of the pipeline's tokenizers and text encoders, as `load_textual_inversion`
+    does (on SDXL one call per tower, as diffusers' SDXL example). Returns the token's ids per tower."""
+    check_widths(pipe, learned)
+    for (tokenizer, encoder), vectors in zip(text_towers(pipe), learned.per_tower()):
+        vectors = vectors.to(encoder.device, encoder.dtype)
+        pipe.load_textual_inversion({learned.token: vectors}, token=learned.token, tokenizer=tokenizer,
+                                    text_encoder=encoder)
+    return token_ids(pipe, learned.token, learned.vectors.shape[0])
+
+
+def token_ids(pipe, token: str, num_vectors: int) -> list[list[int]]:
+    """The ids of `token`'s n pieces in each tower's tokenizer (the towers may number them differently)."""
     names = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]  # diffusers' multi-vector naming
-    return pipe.tokenizer.convert_tokens_to_ids(names)
+    return [tokenizer.convert_tokens_to_ids(names) for tokenizer, _ in text_towers(pipe)]
 
 
-def write_token_rows(pipe, ids: list[int], vectors: torch.Tensor) -> None:
-    """Rows `ids` of the text encoder's token-embedding table become `vectors` (n, D), in the table's dtype."""
+def write_token_rows(pipe, ids: list[list[int]], vectors: torch.Tensor) -> None:
+    """Rows `ids[i]` of tower i's token-embedding table become its slice of `vectors` (n, D), in the table's dtype."""
+    pieces = LearnedToken("", vectors, widths=token_widths(pipe)).per_tower()
     with torch.no_grad():
-        table = pipe.text_encoder.get_input_embeddings().weight
-        table[ids] = vectors.to(table.device, table.dtype)
+        for (_, encoder), tower_ids, piece in zip(text_towers(pipe), ids, pieces):
+            table = encoder.get_input_embeddings().weight
+            table[tower_ids] = piece.to(table.device, table.dtype)
+
+
+def has_token(pipe, token: str, any_tower: bool = False) -> bool:
+    """True when every tokenizer of the pipeline knows `token` (`any_tower`: when one does)."""
+    known = [token in tokenizer.get_vocab() for tokenizer, _ in text_towers(pipe)]
+    return any(known) if any_tower else all(known)
 
 
 def install_token(pipe, learned: LearnedToken) -> None:
     """Put a learned token in the pipeline, or overwrite its vectors if the pipeline has it already."""
-    if learned.token not in pipe.tokenizer.get_vocab():
+    check_widths(pipe, learned)
+    if not has_token(pipe, learned.token):
         add_token(pipe, learned)
         return
     write_token_rows(pipe, token_ids(pipe, learned.token, learned.vectors.shape[0]), learned.vectors)
 
 
 @contextlib.contextmanager
-def injected(pipe, ids: list[int], vectors: torch.Tensor, precision: Precision | None = None):
-    """While active, rows `ids` of the token-embedding lookup are replaced by `vectors` (with gradient).
+def injected(pipe, ids: list[list[int]], vectors: torch.Tensor, precision: Precision | None = None):
+    """While active, rows `ids[i]` of tower i's token-embedding lookup are replaced by its slice of `vectors`
+    (with gradient).
 
-    Under a `precision` that autocasts, the looked-up embeddings become fp32, so the gradient reaching
-    the vectors is never held in half precision.
+    With a `precision` (the first tower's; each tower casts to its own), the looked-up embeddings of a
+    forward that autocasts become fp32, so the gradient reaching the vectors is never held in half precision.
     """
-    ids_t = torch.tensor(ids, device=pipe.text_encoder.device)
+    pieces = LearnedToken("", vectors, widths=token_widths(pipe)).per_tower()
+    handles = []
+    for (_, encoder), tower_ids, piece in zip(text_towers(pipe), ids, pieces):
+        tower_precision = None if precision is None else Precision.of(encoder)
+        handles.append(encoder.get_input_embeddings().register_forward_hook(
+            _replace_rows(torch.tensor(tower_ids, device=encoder.device), piece, tower_precision)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
+
+def _replace_rows(ids_t: torch.Tensor, vectors: torch.Tensor, precision: Precision | None):
     def hook(module, inputs, output):
         out = (precision.input(output) if precision else output).clone()
         for j, token_id in enumerate(ids_t):
             out[inputs[0] == token_id] = vectors[j].to(out.dtype)
         return out
 
-    handle = pipe.text_encoder.get_input_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return hook
 
 
-def denoising_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Textual inversion's plain denoising loss (Gal et al. 2023), in fp32 whatever the UNet's dtype:
 
-        L = mean || eps_theta(x_t, c, t) - eps ||^2     over the batch and every latent element,
+        L = mean || f_theta(x_t, c, t) - target ||^2     over the batch and every latent element,
 
-    `eps_pred` the UNet's prediction and `noise` the eps that made x_t, both (B, 4, h, w).
+    `prediction` the UNet's output and `target` what it should be (`denoising_batch`: eps, or v on a
+    v-prediction model), both (B, 4, h, w).
     """
-    return F.mse_loss(eps_pred.float(), noise.float())
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def noisy_latents(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (DDPM's forward process, a_t = alphas_cumprod[t]): the UNet's input.
+
+    DDPM, DDIM and PNDM (SD 1.x / 2.x) compute exactly this in `add_noise`. Sigma-parameterised schedulers
+    (Euler, SDXL's) return x0 + sigma eps there, the sampler's own scale, and only for timesteps of their
+    current schedule; for them the same formula is written out, so the UNet sees what it was trained on.
+    """
+    if not hasattr(scheduler, "sigmas"):
+        return scheduler.add_noise(latents, noise, t)
+    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[t.to(latents.device)].float()
+    alpha_bar = alpha_bar.view(-1, *[1] * (latents.ndim - 1))  # (B, 1, 1, 1)
+    return (alpha_bar.sqrt() * latents.float() + (1 - alpha_bar).sqrt() * noise.float()).to(latents.dtype)
+
+
+def denoising_batch(scheduler, latents: torch.Tensor, size: int, generator: torch.Generator):
+    """One batch of the denoising loss: `size` random latents of `latents` (N, 4, h, w), noise, timesteps.
+
+    Returns x_t (B, 4, h, w), t (B,) and the target the model predicts (eps, v or x0 by its prediction_type).
+    """
+    device = latents.device
+    pick = torch.randint(len(latents), (size,), generator=generator)
+    noise = torch.randn(latents[pick].shape, generator=generator).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=generator).to(device)
+    x_t = noisy_latents(scheduler, latents[pick], noise, t)  # (B, 4, h, w)
+    return x_t, t, denoising_target(scheduler, latents[pick], noise, t)
 
 
 def random_start(pipe, initializer: str, settings: InversionSettings) -> torch.Tensor:
     """(n, D) a random start for a restart, drawn from `settings.seed`: textual inversion starts from the
-    initializer's vectors plus Gaussian noise with the token table's per-coordinate std; PGD from a uniform
-    random point of its L∞ ball (Madry et al.'s random start; the ball stays centred on the initializer)."""
+    initializer's vectors plus Gaussian noise with the token table's per-coordinate std (SDXL: each tower's
+    std on its slice); PGD from a uniform random point of its L∞ ball (Madry et al.'s random start; the
+    ball stays centred on the initializer)."""
     init = initial_vectors(pipe, initializer, settings.num_vectors).cpu()
     generator = torch.Generator().manual_seed(settings.seed)
     if settings.method == "pgd":
         return init + (2 * torch.rand(init.shape, generator=generator) - 1) * settings.pgd_eps
-    spread = pipe.text_encoder.get_input_embeddings().weight.detach().float().std().cpu()
+    spreads = [encoder.get_input_embeddings().weight.detach().float().std().cpu() for _, encoder in text_towers(pipe)]
+    spread = spreads[0] if len(spreads) == 1 else torch.cat(
+        [s.expand(w) for s, w in zip(spreads, tower_widths(pipe))])  # (D,)
     return init + spread * torch.randn(init.shape, generator=generator)
 
 
@@ -146,8 +243,9 @@ def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, setti
                 progress: bool = True, accelerator=None, start: torch.Tensor | None = None) -> LearnedToken:
     """Learn `token` against `pipe.unet` on `latents` (N, 4, h, w) of concept images; returns its vectors.
 
-    The token is added to the pipeline (tokenizer + text encoder) and left there with the learned
-    vectors written into its rows, so `stereo.generation.encode_prompts(pipe, ["a photo of " + token])` uses it.
+    The token is added to the pipeline (each tower's tokenizer + text encoder) and left there with the
+    learned vectors written into its rows, so `stereo.generation.encode_prompts(pipe, ["a photo of " + token])`
+    uses it. On SDXL both towers' vectors train together, as one (n, d1 + d2) variable.
 
     With an `accelerator` of several processes the inversion is data-parallel: every process must
     call this, each draws its own batches (its own random stream) and the vectors' gradient is
@@ -161,14 +259,16 @@ def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, setti
     if settings.method not in methods:
         raise ValueError(f"inversion method {settings.method!r} is not valid; choose one of {', '.join(methods)}")
     init = initial_vectors(pipe, initializer, settings.num_vectors)
-    ids = add_token(pipe, LearnedToken(token, init))
+    widths = token_widths(pipe)
+    ids = add_token(pipe, LearnedToken(token, init, widths=widths))
     device = pipe.unet.device
     vectors = (init if start is None else start.float()).clone().to(device).requires_grad_(True)  # (n, D) fp32
     optimizer = torch.optim.AdamW([vectors], lr=settings.lr, weight_decay=0.0) if settings.method == "ti" else None
     generator = torch.Generator().manual_seed(process_seed(settings.seed, accelerator))
     unet_was_training = pipe.unet.training
     pipe.unet.eval().requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for _, encoder in text_towers(pipe):
+        encoder.requires_grad_(False)
     latents = latents.to(device)
     losses: list[float] = []
     bar = tqdm(range(settings.steps), desc=f"invert {token}", disable=not progress, leave=False)
@@ -180,27 +280,23 @@ def learn_token(pipe, latents: torch.Tensor, token: str, initializer: str, setti
         losses.append(float(mean_over_processes(loss.detach().clone(), accelerator)))
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
     pipe.unet.train(unet_was_training)
-    learned = LearnedToken(token, vectors.detach().cpu(), losses)
+    learned = LearnedToken(token, vectors.detach().cpu(), losses, widths)
     write_token_rows(pipe, ids, learned.vectors)
     return learned
 
 
-def _inversion_loss(pipe, ids: list[int], vectors: torch.Tensor, token: str, latents: torch.Tensor,
+def _inversion_loss(pipe, ids: list[list[int]], vectors: torch.Tensor, token: str, latents: torch.Tensor,
                     settings: InversionSettings, generator: torch.Generator) -> torch.Tensor:
     """The fp32 denoising loss of one batch: random latents, noise, timesteps and templates."""
-    device = pipe.unet.device
-    pick = torch.randint(len(latents), (settings.batch_size,), generator=generator)
-    noise = torch.randn(latents[pick].shape, generator=generator).to(device)
-    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (settings.batch_size,), generator=generator)
-    x_t = pipe.scheduler.add_noise(latents[pick], noise, t.to(device))  # (B, 4, h, w)
+    x_t, t, target = denoising_batch(pipe.scheduler, latents, settings.batch_size, generator)
     templates = [settings.templates[int(i)] for i in torch.randint(len(settings.templates),
                                                                    (settings.batch_size,), generator=generator)]
     text, unet = Precision.of(pipe.text_encoder), Precision.of(pipe.unet)
     with text.context(), injected(pipe, ids, vectors, text):
         cond = encode_prompts(pipe, [tpl.format(token) for tpl in templates])
     with unet.context():
-        eps = pipe.unet(unet.input(x_t), t.to(device), encoder_hidden_states=unet.input(cond)).sample
-    return denoising_loss(eps, noise)
+        prediction = predict(pipe.unet, unet.input(x_t), t, unet.input(cond))
+    return denoising_loss(prediction, target)
 
 
 def _update(vectors, optimizer, settings: InversionSettings, init: torch.Tensor) -> None:
@@ -215,17 +311,39 @@ def _update(vectors, optimizer, settings: InversionSettings, init: torch.Tensor)
 
 
 def save_token(learned: LearnedToken, path: str | Path) -> Path:
-    """A diffusers textual-inversion file: `pipe.load_textual_inversion(path)` adds the token."""
+    """A diffusers textual-inversion file. One tower: {token: (n, D)}, `pipe.load_textual_inversion(path)`
+    adds the token. SDXL: {"clip_l": (n, d1), "clip_g": (n, d2)} (the token's name in the metadata), loaded
+    tower by tower as diffusers' SDXL example does:
+        state = safetensors.torch.load_file(path)
+        pipe.load_textual_inversion(state["clip_l"], token=..., text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)   # and clip_g: text_encoder_2, tokenizer_2
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({learned.token: learned.vectors.float().contiguous()}, str(path),
-              metadata={"format": "diffusers-textual-inversion"})
+    metadata = {"format": "diffusers-textual-inversion"}
+    if learned.widths:
+        if len(learned.widths) != len(SDXL_KEYS):
+            raise ValueError(f"token {learned.token!r} has {len(learned.widths)} towers; a textual-inversion file "
+                             f"holds one (SD) or two ({', '.join(SDXL_KEYS)}: SDXL)")
+        state = dict(zip(SDXL_KEYS, learned.per_tower()))
+        metadata["token"] = learned.token
+    else:
+        state = {learned.token: learned.vectors}
+    save_file({k: v.float().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
     return path
 
 
-def load_token(path: str | Path) -> LearnedToken:
+def load_token(path: str | Path, token: str | None = None) -> LearnedToken:
+    """A textual-inversion file of `save_token` (or diffusers' formats): one tensor {token: vectors}, or an SDXL
+    pair {"clip_l", "clip_g"}, named by the file's metadata (else `token`, else "<file stem>")."""
     state = load_file(str(path))
+    if set(state) == set(SDXL_KEYS):
+        with safe_open(str(path), "pt") as handle:
+            name = token or (handle.metadata() or {}).get("token") or f"<{Path(path).stem}>"
+        pieces = [v if v.ndim == 2 else v[None] for v in (state[k] for k in SDXL_KEYS)]
+        return LearnedToken(name, torch.cat(pieces, dim=-1), widths=tuple(v.shape[-1] for v in pieces))
     if len(state) != 1:
-        raise ValueError(f"{path} holds {len(state)} tensors; a textual-inversion file holds one (token -> vectors)")
-    token, vectors = next(iter(state.items()))
-    return LearnedToken(token, vectors if vectors.ndim == 2 else vectors[None])
+        raise ValueError(f"{path} holds {len(state)} tensors ({', '.join(sorted(state))}); a textual-inversion file "
+                         f"holds one (token -> vectors) or, for SDXL, two ({', '.join(SDXL_KEYS)})")
+    name, vectors = next(iter(state.items()))
+    return LearnedToken(token or name, vectors if vectors.ndim == 2 else vectors[None])

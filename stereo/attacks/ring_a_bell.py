@@ -2,14 +2,16 @@
 Diffusion Models?"): a black-box attack that never queries the evaluated model.
 
 1. Concept vector from paired prompts (with / without the concept), in text-encoder space:
-       v = mean_i [ E(prompt_i with concept) - E(prompt_i without) ]          (77, D)
+       v = mean_i [ E(prompt_i with concept) - E(prompt_i without) ]          (77, D) (SDXL: (78, D))
 2. For each evaluation prompt p, the target is  E(p) + eta * v  (eta = 3 for nudity in the paper).
 3. A genetic search over hard tokens (L tokens from the vocabulary) minimises
        || E(tokens) - (E(p) + eta * v) ||^2
    with elitism, one-point crossover and per-token mutation; the best hard prompt is the attack.
 
 Only the BASE pipeline's tokenizer and text encoder are used (the public CLIP text tower SD
-ships with): no UNet, no detector, no image of the evaluated model.
+ships with): no UNet, no detector, no image of the evaluated model. E is the condition the UNet
+reads (`stereo.conditioning`): on SDXL both towers' states and the packed pooled row, so the search
+matches the pooled embedding too; the hard tokens are ids both SDXL tokenizers share.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from stereo.attacks.base import (
     AttackedPrompt,
     AttackTarget,
     EvalPrompt,
+    condition_of_ids,
     register_attack,
     wrap_ids,
 )
 from stereo.attacks.inversion import templates_for
 from stereo.attacks.unlearndiffatk import attackable_vocabulary
-from stereo.generation import encode_ids, encode_prompts
+from stereo.conditioning import text_towers
+from stereo.generation import encode_prompts
 
 ENCODE_BATCH = 256
 
@@ -45,13 +49,15 @@ def default_pairs(concept) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def encode_texts(pipe, texts: Sequence[str]) -> torch.Tensor:
-    """(B, 77, D) fp32 states: distances to the goal are measured in fp32 whatever the encoder's dtype."""
+    """(B, 77, D) fp32 conditions ((B, 78, D) on SDXL): distances to the goal are measured in fp32 whatever the
+    encoder's dtype."""
     return encode_prompts(pipe, texts).float()
 
 
 @torch.no_grad()
 def concept_vector(pipe, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
-    """(77, D): mean over pairs of E(with concept) - E(without), Ring-A-Bell's concept extraction."""
+    """(77, D) ((78, D) on SDXL): mean over pairs of E(with concept) - E(without), Ring-A-Bell's concept
+    extraction."""
     if not pairs:
         raise ValueError("Ring-A-Bell needs at least one (with concept, without concept) prompt pair")
     with_concept = encode_texts(pipe, [a for a, _ in pairs])
@@ -85,7 +91,7 @@ class RingABell(Attack):
         """Genetic search: (B, L) best token ids per prompt and their distances to the goals."""
         s = self.settings
         generator = torch.Generator().manual_seed(s.seed + prompts[0].index)
-        vocab = attackable_vocabulary(pipe.tokenizer)
+        vocab = attackable_vocabulary(*(tokenizer for tokenizer, _ in text_towers(pipe)))
         population = self.initial_population(pipe, prompts, vocab, generator)  # (B, P, L) token ids
         best = population[:, 0].clone()
         best_distance = torch.full((len(prompts),), float("inf"))
@@ -116,7 +122,7 @@ class RingABell(Attack):
         """Mean squared distance of E(individual) to its prompt's goal, (B, P)."""
         b, p, _ = population.shape
         ids = torch.tensor([wrap_ids(pipe.tokenizer, row) for row in population.reshape(b * p, -1).tolist()])
-        states = torch.cat([encode_ids(pipe.text_encoder, ids[i:i + ENCODE_BATCH]).float()
+        states = torch.cat([condition_of_ids(pipe, ids[i:i + ENCODE_BATCH]).float()
                             for i in range(0, len(ids), ENCODE_BATCH)]).reshape(b, p, *goals.shape[1:])
         return (states - goals[:, None].to(states.device)).pow(2).mean(dim=(2, 3)).cpu()
 

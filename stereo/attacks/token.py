@@ -11,6 +11,8 @@ restart r >= 1 has its own seed (`restart_seed`: batches, noise, timesteps, temp
 start: textual inversion from the initializer's vectors plus Gaussian noise with the token table's
 per-coordinate std, PGD from a uniform random point of its L∞ ball (Madry et al.'s random start,
 the ball still centred on the initializer's vectors).
+On SDXL the token is learned in both text towers at once (`inversion.learn_token`) and saved as
+diffusers' SDXL pair {"clip_l", "clip_g"}.
 The learned token is saved as a diffusers textual-inversion file, `<out_dir>/token.safetensors`,
 with `token.json` holding the budget it was learned with; a later run with the same budget
 reuses it (resume). In a run of several processes every process learns it together
@@ -36,6 +38,7 @@ from stereo.attacks.base import (
 )
 from stereo.attacks.inversion import (
     InversionSettings,
+    has_token,
     install_token,
     learn_token,
     load_token,
@@ -129,9 +132,9 @@ class TokenFile(TokenAttack):
 
 
 def fresh_token(pipe, token: str) -> str:
-    """`token`, or `token` with a numeric suffix if the pipeline already has a token of that name."""
-    vocab, name, n = pipe.tokenizer.get_vocab(), token, 1
-    while name in vocab:
+    """`token`, or `token` with a numeric suffix if the pipeline (any of its tokenizers) has a token of that name."""
+    name, n = token, 1
+    while has_token(pipe, name, any_tower=True):
         n += 1
         name = f"{token[:-1]}-{n}>" if token.endswith(">") else f"{token}-{n}"
     return name

@@ -5,12 +5,15 @@ Each prompt gets k prefix slots, each a relaxed one-hot vector w_j on the vocabu
 the slot's input embedding is w_j @ E (E: the token-embedding table). The prefixes minimise the
 EVALUATED model's denoising loss on the base model's images of the concept,
 
-    min_w  E_{x0, eps, t} || eps_theta(x_t, c([w_1 @ E, ..., w_k @ E, prompt]), t) - eps ||^2,
+    min_w  E_{x0, eps, t} || f_theta(x_t, c([w_1 @ E, ..., w_k @ E, prompt]), t) - target ||^2,
 
-with Adam steps followed by a Euclidean projection back onto the simplex. Every
-`project_every` steps the slots snap to their nearest real tokens (argmax of w); with
-`check_success`, the hard prompt is then generated and judged by the detector, and a prompt
-stops at its first success. Prompts are optimised together in batches of `prompt_batch`.
+(target: eps, or v on a v-prediction model, `inversion.denoising_batch`) with Adam steps followed
+by a Euclidean projection back onto the simplex. Every `project_every` steps the slots snap to
+their nearest real tokens (argmax of w); with `check_success`, the hard prompt is then generated
+and judged by the detector, and a prompt stops at its first success. Prompts are optimised
+together in batches of `prompt_batch`.
+On SDXL one w_j drives both text towers: slot j reads w_j @ E_1 in tower 1 and w_j @ E_2 in tower 2,
+over the token ids both tokenizers share, so the hard prefix is the same token ids in both.
 Restart r >= 1 (`target.restart`) draws its start tokens and batches from its own seed (`restart_seed`).
 The weights train in fp32 whatever the model's dtype (`stereo.attacks.precision`); the gallery
 is made in `prepare`, by every process of the run together.
@@ -36,8 +39,9 @@ from stereo.attacks.base import (
     restart_seed,
     wrap_ids,
 )
-from stereo.attacks.inversion import denoising_loss
+from stereo.attacks.inversion import denoising_batch, denoising_loss
 from stereo.attacks.precision import Precision
+from stereo.conditioning import encode_tokens, predict, text_towers
 
 
 def project_to_simplex(w: torch.Tensor) -> torch.Tensor:
@@ -51,10 +55,21 @@ def project_to_simplex(w: torch.Tensor) -> torch.Tensor:
     return (w - theta).clamp(min=0)
 
 
-def attackable_vocabulary(tokenizer) -> torch.Tensor:
-    """Ids the prefix may use: the base vocabulary without special tokens (and without added tokens)."""
-    special = set(tokenizer.all_special_ids)
-    return torch.tensor([i for i in range(tokenizer.vocab_size) if i not in special])
+def attackable_vocabulary(tokenizer, *others) -> torch.Tensor:
+    """Ids the prefix may use: the base vocabulary without special tokens (and without added tokens).
+
+    With `others` (SDXL's tokenizer_2), the ids every tokenizer reads as the same token and none treats as
+    special (SDXL's tokenizer_2 pads with "!"), so one id means one token in every text tower.
+    """
+    special = set(tokenizer.all_special_ids).union(*(other.all_special_ids for other in others))
+    size = min([tokenizer.vocab_size, *(other.vocab_size for other in others)])
+    if others:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+        for other in others:
+            if other.convert_ids_to_tokens(list(range(size))) != pieces:
+                raise ValueError("the pipeline's tokenizers number their vocabularies differently; a hard prefix "
+                                 "needs one id per token in every text tower")
+    return torch.tensor([i for i in range(size) if i not in special])
 
 
 @contextlib.contextmanager
@@ -72,6 +87,15 @@ def soft_prefix(text_encoder, prefix: torch.Tensor, precision: Precision | None 
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def soft_prefixes(pipe, prefixes: list[torch.Tensor], precision: Precision | None = None):
+    """`soft_prefix` in every text tower at once: tower i reads `prefixes[i]` (B, k, d_i)."""
+    with contextlib.ExitStack() as stack:
+        for (_, encoder), prefix in zip(text_towers(pipe), prefixes):
+            stack.enter_context(soft_prefix(encoder, prefix, precision and Precision.of(encoder)))
+        yield
 
 
 @register_attack("unlearndiffatk")
@@ -95,8 +119,10 @@ class UnlearnDiffAtk(Attack):
         k, device = s.prefix_tokens, pipe.unet.device
         # restart r >= 1: its own seed, so its own random start tokens and batches
         generator = torch.Generator().manual_seed(restart_seed(s.seed, target.restart) + prompts[0].index)
-        vocab = attackable_vocabulary(pipe.tokenizer)  # (V,)
-        table = pipe.text_encoder.get_input_embeddings().weight.detach()[vocab.to(device)].float()  # (V, D)
+        towers = text_towers(pipe)
+        vocab = attackable_vocabulary(*(tokenizer for tokenizer, _ in towers))  # (V,)
+        tables = [encoder.get_input_embeddings().weight.detach()[vocab.to(device)].float()
+                  for _, encoder in towers]  # (V, d_i) per tower
         bodies = [pipe.tokenizer(p.prompt, add_special_tokens=False).input_ids for p in prompts]
         start_tokens = torch.randint(len(vocab), (len(prompts), k), generator=generator)
         weights = F.one_hot(start_tokens, len(vocab)).float().to(device).requires_grad_(True)  # (B, k, V)
@@ -110,7 +136,7 @@ class UnlearnDiffAtk(Attack):
                    leave=False)
         for step in bar:
             rows = active.nonzero().flatten()
-            loss = self._loss(pipe, weights, rows, table, bodies, latents, generator)
+            loss = self._loss(pipe, weights, rows, tables, bodies, latents, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -131,22 +157,22 @@ class UnlearnDiffAtk(Attack):
             results.append(self._attacked(pipe, p, info.pop("prefix"), bodies[i], info))
         return results
 
-    def _loss(self, pipe, weights, rows, table, bodies, latents, generator) -> torch.Tensor:
-        """Denoising MSE of the evaluated UNet for the active prompts' soft prefixes, one latent each."""
+    def _loss(self, pipe, weights, rows, tables, bodies, latents, generator) -> torch.Tensor:
+        """Denoising MSE of the evaluated UNet for the active prompts' soft prefixes, one latent each.
+
+        `tables`: each text tower's embedding rows of the attackable vocabulary, (V, d_i).
+        """
         device = pipe.unet.device
-        ids = torch.tensor([wrap_ids(pipe.tokenizer, [0] * self.settings.prefix_tokens + bodies[int(r)])
-                            for r in rows])  # placeholder ids at 1..k are replaced by the hook
-        prefix = weights[rows.to(device)] @ table  # (b, k, D)
-        pick = torch.randint(len(latents), (len(rows),), generator=generator)
-        noise = torch.randn(latents[pick].shape, generator=generator).to(device)
-        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(rows),), generator=generator).to(device)
-        x_t = pipe.scheduler.add_noise(latents[pick], noise, t)  # (b, 4, h, w)
+        ids = [torch.tensor([wrap_ids(tokenizer, [0] * self.settings.prefix_tokens + bodies[int(r)]) for r in rows])
+               for tokenizer, _ in text_towers(pipe)]  # placeholder ids at 1..k are replaced by the hooks
+        prefixes = [weights[rows.to(device)] @ table for table in tables]  # (b, k, d_i) per tower
+        x_t, t, target = denoising_batch(pipe.scheduler, latents, len(rows), generator)  # (b, 4, h, w)
         text, unet = Precision.of(pipe.text_encoder), Precision.of(pipe.unet)
-        with text.context(), soft_prefix(pipe.text_encoder, prefix, text):
-            cond = pipe.text_encoder(ids.to(device))[0]
+        with text.context(), soft_prefixes(pipe, prefixes, text):
+            cond = encode_tokens(pipe, ids)
         with unet.context():
-            eps = pipe.unet(unet.input(x_t), t, encoder_hidden_states=unet.input(cond)).sample
-        return denoising_loss(eps, noise)
+            prediction = predict(pipe.unet, unet.input(x_t), t, unet.input(cond))
+        return denoising_loss(prediction, target)
 
     def _check(self, target, prompts, rows, weights, vocab, bodies, active, done, step) -> None:
         """Generate the hard prompts of the active rows; rows the detector flags stop here."""

@@ -18,6 +18,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 
 from stereo import parallel
+from stereo.conditioning import text_towers
 from stereo.config import erased_subset, kept_concepts, to_container
 from stereo.export import export_erased
 from stereo.generation import encode_prompts
@@ -53,7 +54,7 @@ class RunContext:
                 "wandb": {"mode": cfg.logger.mode, "dir": str(self.output_dir)}})
         self.pipe = load_pipeline(cfg.model)
         self.pipe.to(self.accelerator.device)
-        for frozen_part in (self.pipe.text_encoder, self.pipe.vae, self.pipe.unet):
+        for frozen_part in (*(encoder for _, encoder in text_towers(self.pipe)), self.pipe.vae, self.pipe.unet):
             frozen_part.requires_grad_(False)
         self.base_unet = self.pipe.unet
         self.subset = erased_subset(cfg)
@@ -81,7 +82,8 @@ class RunContext:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """(K, 77, D) fp32 text-encoder hidden states, as the UNet consumes them (learned tokens included)."""
+        """(K, L, D) fp32 conditions, as the UNet consumes them (learned tokens included; SDXL: L = 78, the pooled
+        embedding packed as the last row, `stereo.conditioning`)."""
         return encode_prompts(self.pipe, list(prompts)).float()
 
     def concept_prompts(self) -> list[str]:

@@ -2,7 +2,12 @@
 
 Notation (STEREO.md): eps_0 is the frozen teacher UNet, eps_theta the student, ∅ the empty
 prompt. Teacher predictions are computed under `torch.no_grad()` by the trainer, so targets
-carry no gradient. Shapes: B latents of SD's (4, h, w); L, D the text encoder's length and width.
+carry no gradient. Shapes: B latents of SD's (4, h, w); L, D the conditions' length and width
+(`stereo.conditioning`: SDXL's carry the pooled embedding as an extra row).
+Every target is linear in the model's outputs, so a v-prediction model (SD 2.1) runs the same formulas
+with eps read as v: v = sqrt(a_t) eps - sqrt(1 - a_t) x0 is affine in eps at a fixed x_t, and the
+combination's weights (1 + eta, -eta, ...) sum to one, so the v target is the eps target's v
+(its MSE weighs timestep t by 1 / a_t against the eps MSE: v = eps / sqrt(a_t) - sqrt(1/a_t - 1) x_t).
 
 An objective answers two questions for the trainer, and nothing else:
   `sample(position, batch_size)`: which condition each latent is about (x_t is sampled with it and

@@ -8,13 +8,17 @@ return. (The reference code uses 1000·i/50, one DDIM stride off from where the 
 The chain is always DDIM, built from the model's scheduler *config* (its noise schedule,
 prediction type and timestep spacing), whatever scheduler the model ships: SD 1.4 ships PNDM,
 whose PLMS steps keep a history per batch, so stepping it would run a different sampler and
-breaks once latents stop at different steps.
+breaks once latents stop at different steps; SDXL ships Euler ("leading" spacing, steps_offset 1),
+SD 2.x DDIM with v-prediction, which DDIM's step converts to eps and x0 itself. The UNet is called
+through `stereo.conditioning.predict`, so SDXL's pooled text and size conditioning ride along.
 """
 
 from __future__ import annotations
 
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin
+
+from stereo.conditioning import predict
 
 
 def ddim_scheduler(scheduler: SchedulerMixin) -> DDIMScheduler:
@@ -47,7 +51,7 @@ def sample_xt(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents after `stop_steps[b]` DDIM steps and the timestep each one truly sits at.
 
-    cond: (B, L, D) text embeddings, uncond: (L, D) or (1, L, D); stop_steps: (B,) ints.
+    cond: (B, L, D) conditions (`stereo.conditioning`), uncond: (L, D) or (1, L, D); stop_steps: (B,) ints.
     Runs one batched chain to max(stop_steps); a latent stops moving once its own count is reached.
     `scheduler` only lends its config (see `ddim_scheduler`). Returns x_t (B, 4, h, w) and t (B,) on the DDIM grid.
     """
@@ -64,10 +68,9 @@ def sample_xt(
         active = stop_steps > k  # (B,)
         xa, t = x[active], timesteps[k]
         n = xa.shape[0]
-        eps = unet(
-            torch.cat([xa, xa]).to(dtype), t, encoder_hidden_states=torch.cat([uncond[active], cond[active]]).to(dtype)
-        ).sample.float()
-        eps_uncond, eps_cond = eps[:n], eps[n:]
-        eps = eps_uncond + guidance * (eps_cond - eps_uncond)  # (n, 4, h, w) classifier-free guidance
-        x[active] = scheduler.step(eps, t, xa).prev_sample
+        pair = torch.cat([uncond[active], cond[active]]).to(dtype)  # (2n, L, D)
+        out = predict(unet, torch.cat([xa, xa]).to(dtype), t, pair).float()
+        out_uncond, out_cond = out[:n], out[n:]
+        out = out_uncond + guidance * (out_cond - out_uncond)  # (n, 4, h, w) classifier-free guidance
+        x[active] = scheduler.step(out, t, xa).prev_sample  # reads out as the model's prediction_type
     return x, timesteps[stop_steps]

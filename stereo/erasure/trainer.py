@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from stereo.conditioning import predict
 from stereo.erasure.checkpoints import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from stereo.erasure.objectives import ErasureObjective, erasure_loss, preservation_loss
 from stereo.erasure.sampling import draw_stop_steps, sample_xt
@@ -186,8 +187,7 @@ class ErasureTrainer:
         precision = (self.accelerator.autocast() if dtype == torch.float32
                      else torch.autocast(self.accelerator.device.type, enabled=False))
         with torch.no_grad(), base, precision:
-            eps = unet(x_t.repeat(m, 1, 1, 1).to(dtype), t.repeat(m),
-                       encoder_hidden_states=embeddings.flatten(0, 1).to(dtype)).sample
+            eps = predict(unet, x_t.repeat(m, 1, 1, 1).to(dtype), t.repeat(m), embeddings.flatten(0, 1).to(dtype))
         return eps.float().view(m, b, *x_t.shape[1:])
 
     def micro_step_loss(self, step: int, micro: int) -> torch.Tensor:
@@ -209,9 +209,9 @@ class ErasureTrainer:
         self.student.train()
         with self._seeded_global_rng(seed):  # autocast applied by accelerate
             if keep is None:
-                return erasure_loss(self.student(x_t, t, encoder_hidden_states=cond.student).sample, target)
-            eps, eps_keep = self.student(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                         encoder_hidden_states=torch.cat([cond.student, keep])).sample.chunk(2)
+                return erasure_loss(predict(self.student, x_t, t, cond.student), target)
+            eps, eps_keep = predict(self.student, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                    torch.cat([cond.student, keep])).chunk(2)
         return erasure_loss(eps, target) + preservation_loss(eps_keep, eps_teacher[-1], self.objective.preserve_weight)
 
     def accumulate_gradients(self, step: int) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""Model construction and loading: SD 1.4 (hub id, local folder, single file), tiny, sd14-random, toy."""
+"""Model construction and loading: SD 1.4, 1.5, 2.1, 2.1-base and SDXL (hub id, local folder, single file),
+tiny, sd14-random, toy; tiny rehearsals of each family (stereo.models.families)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
 """One loader for every base model and every erased-UNet format.
 
-`load_pipeline(cfg.model)` gives a `StableDiffusionPipeline` (safety checker off) from:
-- `tiny` / `sd14-random`: built from configs with seeded random weights, offline;
+`load_pipeline(cfg.model)` gives a pipeline (safety checker off) from:
+- `tiny` / `sd14-random` / `sd21-random` / `sdxl-random`: built from configs with seeded random weights, offline;
 - `toy`: the toy world's committed pipeline folder (`stereo/toy/weights/pipeline`);
-- `sd14` / `pretrained`: a hub id, a local diffusers folder, or a single-file checkpoint.
+- `sd14`, `sd15`, `sd21`, `sd21-base`, `sdxl` / `pretrained`: a hub id, a local diffusers folder, or a
+  single-file checkpoint. The pipeline class is the one the folder's (or repo's) `model_index.json`
+  names, StableDiffusionPipeline or StableDiffusionXLPipeline; a family kind also checks that the
+  class is its own, so `model=sdxl` on an SD 1.x folder fails at load, not mid-run.
 Offline and not cached, a hub id fails within seconds with a message that says what was looked
 for and how to provide it. `load_unet_weights` puts a third-party erased UNet on top.
 """
@@ -17,16 +20,41 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from stereo.models import assemble_pipeline
+from stereo.models.families import (
+    SD21_SCHEDULER_CONFIG,
+    SDXL_SCHEDULER_CONFIG,
+    load_family_tokenizer,
+    scheduler_from,
+)
 from stereo.models.tiny import load_clip_tokenizer, sd_scheduler, tiny_pipeline
 
 SD14_CONFIGS = Path(__file__).parent / "configs" / "sd14"
+SD21_CONFIGS = Path(__file__).parent / "configs" / "sd21"  # stabilityai/stable-diffusion-2-1's, as published
+SDXL_CONFIGS = Path(__file__).parent / "configs" / "sdxl"  # stabilityai/stable-diffusion-xl-base-1.0's, as published
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TORCH_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+# What every loaded base model is: one of the two pipeline classes stereo drives.
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
+# The kinds loaded from `pretrained`, and the class each expects (None: whatever model_index.json names).
+PRETRAINED_KINDS = {
+    "sd14": StableDiffusionPipeline, "sd15": StableDiffusionPipeline, "sd21": StableDiffusionPipeline,
+    "sd21-base": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "pretrained": None,
+}
+BUILT_KINDS = ("tiny", "sd14-random", "toy", "sd21-random", "sdxl-random")
+RANDOM_KINDS = ("tiny", "sd14-random", "sd21-random", "sdxl-random")  # built in fp32, then cast
 
 
 class ModelLoadError(RuntimeError):
@@ -39,7 +67,7 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_pipeline(model_cfg) -> StableDiffusionPipeline:
+def load_pipeline(model_cfg) -> Pipeline:
     """The base pipeline described by a `ModelConfig`, on CPU, frozen parts in `model_cfg.dtype`."""
     dtype = torch_dtype(model_cfg.dtype)
     kind = model_cfg.kind
@@ -47,15 +75,21 @@ def load_pipeline(model_cfg) -> StableDiffusionPipeline:
         pipe = tiny_pipeline(seed=model_cfg.seed)
     elif kind == "sd14-random":
         pipe = sd14_random_pipeline(seed=model_cfg.seed)
+    elif kind == "sd21-random":
+        pipe = sd21_random_pipeline(seed=model_cfg.seed)
+    elif kind == "sdxl-random":
+        pipe = sdxl_random_pipeline(seed=model_cfg.seed)
     elif kind == "toy":
         pipe = _from_local_folder(_toy_pipeline_dir(), dtype)
-    elif kind in ("sd14", "pretrained"):
+    elif kind in PRETRAINED_KINDS:
         if not model_cfg.pretrained:
             raise ModelLoadError(f"model.kind={kind} needs model.pretrained (a hub id or a local path)")
-        pipe = load_pretrained(model_cfg.pretrained, model_cfg.revision, dtype, model_cfg.single_file_config)
+        pipe = load_pretrained(model_cfg.pretrained, model_cfg.revision, dtype, model_cfg.single_file_config,
+                               kind=str(kind))
     else:
-        raise ValueError(f"model.kind={kind!r} is not valid; choose one of tiny, sd14-random, toy, sd14, pretrained")
-    if kind in ("tiny", "sd14-random"):  # built in fp32; hub/local loads already used torch_dtype
+        raise ValueError(f"model.kind={kind!r} is not valid; choose one of "
+                         f"{', '.join((*BUILT_KINDS, *PRETRAINED_KINDS))}")
+    if kind in RANDOM_KINDS:  # built in fp32; hub/local loads already used torch_dtype
         pipe.to(dtype=dtype)
     if model_cfg.unet_weights:
         load_unet_weights(pipe.unet, model_cfg.unet_weights)
@@ -64,52 +98,85 @@ def load_pipeline(model_cfg) -> StableDiffusionPipeline:
 
 
 def load_pretrained(
-    source: str, revision: str | None, dtype: torch.dtype, single_file_config: str | None = None
-) -> StableDiffusionPipeline:
-    """A pipeline from a local diffusers folder, a local single-file checkpoint, or a hub id."""
+    source: str, revision: str | None, dtype: torch.dtype, single_file_config: str | None = None,
+    kind: str = "pretrained",
+) -> Pipeline:
+    """A pipeline from a local diffusers folder, a local single-file checkpoint, or a hub id.
+
+    Folders and hub repos load as the class their model_index.json names; a family `kind` (sd14 ... sdxl)
+    refuses another family's class before any weights are read, and is the class a single-file
+    checkpoint is read as when `single_file_config` has no model_index.json.
+    """
     path = Path(source).expanduser()
     if path.is_dir():
-        return _from_local_folder(path, dtype)
+        return _from_local_folder(path, dtype, kind)
     if path.is_file():
-        return _from_single_file(path, dtype, single_file_config)
+        return _from_single_file(path, dtype, single_file_config, kind)
     if source.startswith(("/", ".", "~")) or source.count("/") != 1:
         raise ModelLoadError(
             f"model path {source!r} does not exist and is not a hub id of the form 'org/name'. "
             "Give a local diffusers folder, a .safetensors/.ckpt file, or a hub id such as "
             "CompVis/stable-diffusion-v1-4."
         )
-    return _from_hub(source, revision, dtype)
+    return _from_hub(source, revision, dtype, kind)
 
 
-def _pipeline_kwargs(dtype: torch.dtype) -> dict:
-    return {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+def pipeline_class(model_index: dict, where: str, kind: str = "pretrained") -> type:
+    """The pipeline class a model_index.json names, if stereo drives it and it is `kind`'s."""
+    name = model_index.get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        raise ModelLoadError(
+            f"{where} holds a {name or 'pipeline without _class_name'}; stereo loads "
+            f"{' and '.join(PIPELINE_CLASSES)} (SD 1.x, SD 2.x, SDXL)."
+        )
+    expected = PRETRAINED_KINDS.get(kind)
+    if expected is not None and PIPELINE_CLASSES[name] is not expected:
+        raise ModelLoadError(
+            f"model.kind={kind} expects a {expected.__name__}, but {where} holds a {name}; pick the model kind "
+            "of that family (or model.kind=pretrained)."
+        )
+    return PIPELINE_CLASSES[name]
 
 
-def _from_local_folder(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
-    if not (path / "model_index.json").is_file():
+def _pipeline_kwargs(cls: type, dtype: torch.dtype) -> dict:
+    """from_pretrained's keywords: the safety checker off where the class has one (SDXL has none)."""
+    if cls is StableDiffusionPipeline:
+        return {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    return {"torch_dtype": dtype}
+
+
+def _from_local_folder(path: Path, dtype: torch.dtype, kind: str = "pretrained") -> Pipeline:
+    index = path / "model_index.json"
+    if not index.is_file():
         raise ModelLoadError(
             f"{path} is not a diffusers pipeline folder (no model_index.json). Point model.pretrained at "
-            "the folder made by StableDiffusionPipeline.save_pretrained or `huggingface-cli download`."
+            "the folder made by a pipeline's save_pretrained or `hf download REPO --local-dir FOLDER`."
         )
+    cls = pipeline_class(json.loads(index.read_text()), str(path), kind)
     try:
-        return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **_pipeline_kwargs(dtype))
+        return cls.from_pretrained(path, local_files_only=True, **_pipeline_kwargs(cls, dtype))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the pipeline folder {path}: {err}") from err
 
 
-def _from_single_file(path: Path, dtype: torch.dtype, config_dir: str | None) -> StableDiffusionPipeline:
+def _from_single_file(path: Path, dtype: torch.dtype, config_dir: str | None, kind: str) -> Pipeline:
     if config_dir is None or not Path(config_dir).is_dir():
         raise ModelLoadError(
             f"{path} is a single-file checkpoint; loading it offline needs the component configs. Set "
-            "model.single_file_config to a local diffusers folder of the same architecture (for SD 1.4: "
-            "a download of CompVis/stable-diffusion-v1-4 without weights is enough)."
+            "model.single_file_config to a local diffusers folder of the same architecture (a download of "
+            "the family's repo without weights is enough, e.g. `hf download stabilityai/stable-diffusion-xl-base-1.0 "
+            "--exclude '*.safetensors' '*.bin' --local-dir DIR` for SDXL, CompVis/stable-diffusion-v1-4 for SD 1.4)."
         )
+    index = Path(config_dir) / "model_index.json"
+    if index.is_file():
+        cls = pipeline_class(json.loads(index.read_text()), config_dir, kind)
+    else:
+        cls = PRETRAINED_KINDS.get(kind) or StableDiffusionPipeline
     try:
-        return StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config_dir), local_files_only=True, **_pipeline_kwargs(dtype)
-        )
+        return cls.from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                    **_pipeline_kwargs(cls, dtype))
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelLoadError(f"could not load the single-file checkpoint {path}: {err}") from err
+        raise ModelLoadError(f"could not load the single-file checkpoint {path} as {cls.__name__}: {err}") from err
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -122,24 +189,26 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_hub(repo_id: str, revision: str | None, dtype: torch.dtype) -> StableDiffusionPipeline:
-    kwargs = {"revision": revision, **_pipeline_kwargs(dtype)}
+def _from_hub(repo_id: str, revision: str | None, dtype: torch.dtype, kind: str) -> Pipeline:
     try:  # a populated HF cache needs no network
-        return StableDiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **kwargs)
+        cls = pipeline_class(DiffusionPipeline.load_config(repo_id, revision=revision, local_files_only=True),
+                             repo_id, kind)
+        return cls.from_pretrained(repo_id, revision=revision, local_files_only=True, **_pipeline_kwargs(cls, dtype))
     except (OSError, ValueError):
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if offline or not _hub_reachable():
         cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
+        local = f"/path/{repo_id.split('/')[1]}"
         raise ModelLoadError(
             f"{repo_id} (revision {revision or 'main'}) is not in the local HF cache ({cache}) and {why}. "
-            f"Either download it where there is network (`huggingface-cli download {repo_id} "
-            "--local-dir /path/sd14`) and pass model.pretrained=/path/sd14, or copy a populated HF cache "
-            "and set HF_HOME to it."
+            f"Either download it where there is network (`hf download {repo_id} --local-dir {local}`) and pass "
+            f"model.pretrained={local}, or copy a populated HF cache and set HF_HOME to it."
         )
     try:
-        return StableDiffusionPipeline.from_pretrained(repo_id, **kwargs)
+        cls = pipeline_class(DiffusionPipeline.load_config(repo_id, revision=revision), repo_id, kind)
+        return cls.from_pretrained(repo_id, revision=revision, **_pipeline_kwargs(cls, dtype))
     except OSError as err:
         raise ModelLoadError(f"could not download {repo_id} (revision {revision or 'main'}): {err}") from err
 
@@ -170,8 +239,48 @@ def sd14_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
                              scheduler=sd_scheduler())
 
 
+def sd21_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Full SD 2.1 architecture with random weights (no download): UNet 866 M (linear projections, 1024-wide
+    cross-attention), OpenCLIP ViT-H text tower (23 of its 24 layers, as SD 2 ships it), VAE; DDIM v-prediction.
+    The tokenizer is the truncated CLIP BPE padding with "!", as SD 2's."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(read_config("unet.json", SD21_CONFIGS))
+    vae = AutoencoderKL.from_config(read_config("vae.json", SD21_CONFIGS))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**read_config("text_encoder.json", SD21_CONFIGS)))
+    with torch.device("cpu"):  # the scheduler's tables stay real when the models are built on meta
+        scheduler = scheduler_from(SD21_SCHEDULER_CONFIG)
+    return assemble_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_family_tokenizer("!"), unet=unet,
+                             scheduler=scheduler)
+
+
+def sdxl_random_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """Full SDXL base architecture with random weights (no download): UNet 2.6 B, CLIP ViT-L/14 and OpenCLIP
+    bigG text towers (123 M + 695 M), VAE (scaling 0.13025); Euler as SDXL publishes it.
+
+    Both tokenizers are the package's truncated CLIP BPE (tokenizer_2 pads with "!", as SDXL's); the
+    text towers keep CLIP's 49,408-row embedding tables so parameter counts and memory match SDXL.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(read_config("unet.json", SDXL_CONFIGS))
+    vae = AutoencoderKL.from_config(read_config("vae.json", SDXL_CONFIGS))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**read_config("text_encoder.json", SDXL_CONFIGS)))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**read_config("text_encoder_2.json", SDXL_CONFIGS)))
+    with torch.device("cpu"):  # the scheduler's tables stay real when the models are built on meta
+        scheduler = scheduler_from(SDXL_SCHEDULER_CONFIG)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=load_family_tokenizer(),
+        tokenizer_2=load_family_tokenizer("!"), unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+
+
 def _read_json(name: str) -> dict:
-    config = json.loads((SD14_CONFIGS / name).read_text())
+    return read_config(name, SD14_CONFIGS)
+
+
+def read_config(name: str, folder: Path = SD14_CONFIGS) -> dict:
+    """A component config of `folder` (configs/sd14, configs/sd21 or configs/sdxl) as keyword arguments."""
+    config = json.loads((folder / name).read_text())
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
 
 

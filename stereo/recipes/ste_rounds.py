@@ -1,6 +1,7 @@
 """STE's finished rounds on disk: they are STE's checkpoints, and what REO reads back (`method.stage=reo`).
 
-    ste/round_k/<concept>.safetensors   the adversarial embedding found for each concept
+    ste/round_k/<concept>.safetensors   the adversarial embedding found for each concept (a diffusers
+                                        textual-inversion file; SDXL: the {"clip_l", "clip_g"} pair)
     ste/round_k/unet_delta.safetensors  the erased subset of that round (the next round starts from it)
     ste/round_k/grid.png                concept before / after the round, adversarial prompt after
     ste/round_k/done.json               written last: the round is finished
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from stereo.attacks.inversion import LearnedToken, add_token, load_token, save_token
+from stereo.attacks.inversion import LearnedToken, add_token, has_token, load_token, save_token
 from stereo.erasure.context import RunContext
 from stereo.erasure.previews import draw
 from stereo.generation import image_grid
@@ -92,12 +93,12 @@ def load_round(pipe, round_dir: Path, unet):
 
 
 def _load_round_tokens(pipe, round_dir: Path) -> list[AdversarialToken]:
-    """The tokens a finished round found, added to the pipeline's tokenizer and text encoder."""
+    """The tokens a finished round found, added to the pipeline's tokenizers and text encoders."""
     done = json.loads((round_dir / DONE).read_text())
     tokens = []
     for entry in done["tokens"]:
         learned = load_token(round_dir / entry["file"])
-        if learned.token not in pipe.tokenizer.get_vocab():
+        if not has_token(pipe, learned.token):
             add_token(pipe, learned)
         tokens.append(AdversarialToken(entry["concept"], done["round"], learned, entry["prompt"],
                                        round_dir / entry["file"]))

@@ -97,16 +97,24 @@ def assert_finite_image(pipe, prompt: str = "a photo") -> None:
     assert np.isfinite(out.images).all()
 
 
-def base_pipeline(base_dir: Path, **components):
-    from diffusers import StableDiffusionPipeline
+def pipeline_class(folder: Path):
+    """The diffusers class a pipeline folder's model_index.json names (SD 1.x/2.x or SDXL), as a user's
+    `DiffusionPipeline.from_pretrained` would pick it."""
+    import diffusers
 
-    return StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False,
-                                                   torch_dtype=torch.float32, **components)
+    return getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"])
+
+
+def base_pipeline(base_dir: Path, **components):
+    cls = pipeline_class(base_dir)
+    no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in \
+        json.loads((base_dir / "model_index.json").read_text()) else {}
+    return cls.from_pretrained(base_dir, torch_dtype=torch.float32, **no_checker, **components)
 
 
 def assert_export_loads(base_dir: Path, export: Path) -> dict[str, object]:
     """Every format in `export/manifest.json` loads the README's way and generates; returns the loaded pieces."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from stereo.models.loading import load_unet_weights
 
@@ -129,7 +137,7 @@ def assert_export_loads(base_dir: Path, export: Path) -> dict[str, object]:
                 assert torch.equal(full[key].float(), value.float()), key
         loaded["delta"] = delta
     if (export / "pipeline").is_dir():
-        pipe = StableDiffusionPipeline.from_pretrained(export / "pipeline", torch_dtype=torch.float32)
+        pipe = pipeline_class(export / "pipeline").from_pretrained(export / "pipeline", torch_dtype=torch.float32)
         assert_finite_image(pipe)
         loaded["pipeline"] = pipe
     if (export / "lora").is_dir():
@@ -144,8 +152,19 @@ def assert_export_loads(base_dir: Path, export: Path) -> dict[str, object]:
 def assert_token_loads(base_dir: Path, token_file: Path) -> str:
     """An STE token file loads with `pipe.load_textual_inversion` and its prompt generates."""
     pipe = base_pipeline(base_dir)
-    (token,) = load_file(str(token_file)).keys()
-    pipe.load_textual_inversion(str(token_file))
+    state = load_file(str(token_file))
+    if hasattr(pipe, "text_encoder_2"):  # SDXL: diffusers' two-tower file, loaded tower by tower
+        from safetensors import safe_open
+
+        with safe_open(str(token_file), "pt") as f:
+            token = (f.metadata() or {}).get("token") or token_file.stem
+        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    else:
+        (token,) = state.keys()
+        pipe.load_textual_inversion(str(token_file))
     assert_finite_image(pipe, f"a photo of {token}")
     return token
 
