@@ -318,6 +318,21 @@ class LoggerConfig:
 class ExportConfig:
     # what the run writes at the end (ExportFormat above)
     formats: list[ExportFormat] = field(default_factory=lambda: [ExportFormat.unet, ExportFormat.delta])
+    # Hub repo ("user/name") the export is uploaded to at the end of the run, with its model card (stereo.publish);
+    # the token comes from HF_TOKEN or `hf auth login`
+    push_to_hub: Optional[str] = None
+    hub_private: bool = False  # create the repo private (an existing repo keeps its visibility)
+    hub_revision: Optional[str] = None  # upload to this branch (created from main if missing), not main
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.push_to_hub)
+            except HFValidationError as err:
+                raise ValueError(f"export.push_to_hub={self.push_to_hub!r} is no Hub repo id ('user/name'): "
+                                 f"{err}") from None
 
 
 @dataclass

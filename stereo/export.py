@@ -6,6 +6,8 @@ Layout of an export folder:
   delta.safetensors        only the trained tensors (apply with stereo.models.load_unet_weights)
   lora/                    adapter for pipe.load_lora_weights(dir / "lora")
   manifest.json            resolved config, seed, base model, subset, versions, commit, sha256 per file
+  README.md                the model card (stereo.modelcard), built from manifest.json; not hashed in it:
+                           `stereo.publish` writes it again with the Hub repo id and the evaluation table
 Everything is written into a hidden sibling folder that is renamed into place at the end, so
 a killed export never leaves a folder that looks complete. `apply_export` reads one back (evaluation).
 """
@@ -13,6 +15,7 @@ a killed export never leaves a folder that looks complete. `apply_export` reads 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -20,10 +23,13 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from stereo.manifest import sha256_file, write_json_atomic
-from stereo.models.loading import ModelLoadError, load_unet_weights
+from stereo.config import ModelConfig
+from stereo.manifest import sha256_file, write_json_atomic, write_text_atomic
+from stereo.modelcard import CARD_NAME, build_card
+from stereo.models.loading import ModelLoadError, load_pipeline, load_unet_weights
 
 
 def trainable_state_dict(unet: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -87,6 +93,7 @@ def export_erased(
         manifest = {**manifest, "formats": list(formats),
                     "files": {str(p.relative_to(tmp)): sha256_file(p) for p in files}}
         write_json_atomic(tmp / "manifest.json", manifest)
+        write_text_atomic(tmp / CARD_NAME, str(build_card(tmp, manifest)))
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -173,3 +180,21 @@ def apply_export(pipe, folder: str | Path) -> str:
         return "lora"
     raise ModelLoadError(f"{folder} is not a stereo export folder: expected unet/, pipeline/, delta.safetensors "
                          "or lora/ (as written by `python train.py`, see stereo/export.py)")
+
+
+def materialise_unet(folder: str | Path, dest: str | Path) -> Path:
+    """Write a diffusers `unet/` folder to `dest` for an export that holds only `delta.safetensors` or `lora/`.
+
+    The base model is loaded as the run loaded it (the model config in the export's manifest.json),
+    its UNet cast to fp32 as the run's student was (`stereo.erasure.subsets.make_student`), then the
+    export is applied (a LoRA adapter is fused): the UNet the run would have saved as `unet/`.
+    """
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    pipe = load_pipeline(OmegaConf.merge(OmegaConf.structured(ModelConfig), manifest["config"]["model"]))
+    pipe.unet.float()
+    if apply_export(pipe, folder) == "lora":
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    pipe.unet.save_pretrained(dest, safe_serialization=True)
+    return Path(dest)

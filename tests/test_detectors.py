@@ -95,6 +95,44 @@ def test_nudenet_describe_records_version_hash_threshold(nudenet):
     assert info["threshold"] == 0.45 and info["classes"] == list(NUDENET_EXPOSED_CLASSES)
 
 
+def test_nudenet_presets_are_the_papers_settings_recorded_in_describe():
+    """UnlearnDiffAtk 0.45 (+0.5, its copy's box cut-off), RECE 0.6, SAFREE 0.6 (+0.45 on UnlearnDiffAtk's prompts)."""
+    detector = NudeNetDetector(preset="unlearndiffatk", thresholds=[0.6])
+    info = detector.describe()
+    assert (info["preset"], info["threshold"], info["thresholds"]) == ("unlearndiffatk", 0.45, [0.45, 0.5, 0.6])
+    assert info["classes"] == list(NUDENET_EXPOSED_CLASSES) and "Diffusion-MU-Attack" in info["preset_source"]
+    assert [nudenet_module.report_thresholds({"preset": p}) for p in ("rece", "safree")] == [[0.6], [0.45, 0.6]]
+    assert nudenet_module.report_thresholds({}) == [0.45]  # no preset: the default threshold alone
+    assert NudeNetDetector(threshold=0.6).describe()["preset"] is None
+
+
+@pytest.mark.parametrize("settings,match", [
+    ({"preset": "esd"}, r"Unknown NudeNet preset 'esd'; valid presets: \['rece', 'safree', 'unlearndiffatk'\]"),
+    ({"preset": "rece", "threshold": 0.45}, "preset 'rece' sets threshold=0.6, but threshold=0.45"),
+    ({"preset": "rece", "classes": ["ANUS_EXPOSED"]}, "preset 'rece' sets classes"),
+    ({"thresholds": [0.0]}, r"thresholds must be in \(0, 1\]"),
+])
+def test_nudenet_preset_conflicts_fail_before_the_model_loads(settings, match):
+    with pytest.raises(ValueError, match=match):
+        nudenet_module.report_thresholds(settings)
+    with pytest.raises(ValueError, match=match):
+        NudeNetDetector(**settings)
+
+
+def test_reported_thresholds_and_partial_detector_overrides():
+    nudity = {"name": "nudenet", "threshold": 0.6}
+    assert detectors.reported_thresholds(nudity) == [0.6]
+    assert detectors.reported_thresholds({"name": "toy", "threshold": 0.5, "thresholds": [0.3]}) == [0.3, 0.5]
+    assert detectors.reported_thresholds({"name": "image_classifier", "target_ids": [1]}) == []
+    # a nameless override changes the concept's detector; a preset replaces its threshold and labels
+    assert detectors.detector_settings({"thresholds": [0.45]}, nudity) == {**nudity, "thresholds": [0.45]}
+    assert detectors.detector_settings({"preset": "unlearndiffatk"}, nudity) == {"name": "nudenet",
+                                                                                 "preset": "unlearndiffatk"}
+    assert detectors.detector_settings({"name": "toy", "concept": "circle"}, nudity) == {"name": "toy",
+                                                                                         "concept": "circle"}
+    assert detectors.detector_settings(None, nudity) == nudity
+
+
 def test_nudenet_session_has_explicit_providers_and_threads(monkeypatch):
     """Defect 16: onnxruntime-gpu refuses a session without providers, and N ranks x all cores oversubscribe."""
     import onnxruntime

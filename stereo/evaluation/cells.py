@@ -33,7 +33,7 @@ from stereo.attacks.base import (
     write_attacked,
 )
 from stereo.evaluation.config import cell_budget, validate_eval
-from stereo.evaluation.detectors import Detector
+from stereo.evaluation.detectors import Detector, detector_settings as merged_detector_settings
 from stereo.evaluation.inputs import container, eval_prompts, folder_images, make_detector, the_concept
 from stereo.evaluation.layout import Cell, check_resumable
 from stereo.generation import open_rgb
@@ -57,7 +57,10 @@ class Evaluation:
         self.out = Path(cfg.output_dir)
         self.concept = the_concept(cfg)
         self.prompts, self.prompt_source = eval_prompts(cfg, self.concept)
-        settings = container(cfg.detector or self.concept.detector)
+        # evaluate.yaml's `detector` over the concept's: a named one replaces it, `+detector.preset=rece` or
+        # `+detector.thresholds=[...]` change it
+        settings = merged_detector_settings(container(cfg.detector) if cfg.detector else None,
+                                            container(self.concept.detector))
         self.detector = make_detector(settings, detectors)
         self.black_box_prompts: dict[str, dict[int, AttackedPrompt]] = {}  # attack -> prompt index -> result
         self.detector_settings = {id(self.detector): settings}  # recorded with each cell, checked on resume
@@ -78,7 +81,7 @@ class Evaluation:
 
     def add_utility_set(self, cell: str, source: str, detector_settings, detectors: Mapping | None) -> None:
         prompts, _ = eval_prompts(self.cfg, self.concept, source)
-        settings = container(detector_settings or self.cfg.detector or self.concept.detector)
+        settings = container(detector_settings) if detector_settings else self.detector_settings[id(self.detector)]
         detector = make_detector(settings, detectors)
         self.detector_settings[id(detector)] = settings
         self.utility_sets[cell] = (prompts, detector)
@@ -117,7 +120,9 @@ class Evaluation:
                  restart: int = 0) -> None:
         """Attack + generate + detect the unfinished prompts of this process's shard, saving each batch;
         `restart`: which independent restart of the attack the cell holds (`AttackTarget.restart`)."""
-        settings = {"attack": cell_budget(attack_settings, restart), "detector": self.detector_settings[id(detector)],
+        # the detector as it decides; extra reported thresholds are computed from saved scores, not part of a cell
+        decides = {k: v for k, v in self.detector_settings[id(detector)].items() if k != "thresholds"}
+        settings = {"attack": cell_budget(attack_settings, restart), "detector": decides,
                     "generation": {"steps": self.cfg.generation.steps}}  # seeds and CFG are checked per prompt
         finished = check_resumable(cell, prompts, settings)
         pending = self.shard([p for p in prompts if p.index not in finished])

@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from stereo.config import Choice, ConceptConfig, Device, Dtype, ModelConfig, ModelKind, check_choice, compose
+from stereo.models.released import COMPONENTS, released_model
 
 
 @dataclass
@@ -29,7 +30,11 @@ class EvaluatedModelConfig(ModelConfig):
     - `unet_weights`: a third-party erased UNet (.pt / .safetensors subset / diffusers folder);
     - `export`: one of our export folders (`unet/`, else `delta.safetensors`, else `lora/`);
     - `textual_inversion`: token files loaded into the text encoder (prompts may use the tokens);
-    - `images`: a folder of images from any generator, scored as they are (no attacks run on it).
+    - `images`: a folder of images from any generator, scored as they are (no attacks run on it);
+    - `hub` (+ `subfolder` / `filename`, `hub_revision`, `sha256`, `component`): a released erased checkpoint
+      on the Hugging Face Hub (or a local copy), replacing `component` (stereo.models.hub, .components);
+    - `released`: a registry name (stereo/models/released.yaml) that fills the hub fields left unset;
+    - `text_encoder_weights`: a third-party erased text encoder (CLIPTextModel folder / .safetensors / .pt).
     """
 
     kind: Optional[ModelKind] = None  # unset fields (None) are taken from `base`
@@ -40,11 +45,30 @@ class EvaluatedModelConfig(ModelConfig):
     export: Optional[str] = None  # one of our export folders (read by stereo.load_export)
     textual_inversion: list[str] = field(default_factory=list)  # token files loaded into the text encoder
     images: Optional[str] = None  # a folder of images, scored as they are
+    released: Optional[str] = None  # a released erased model by name (stereo/models/released.yaml)
+    hub: Optional[str] = None  # hub repo "org/name" of an erased checkpoint, or a local file / folder
+    subfolder: Optional[str] = None  # folder in `hub` (alone: load that whole folder, e.g. a CLIPTextModel)
+    filename: Optional[str] = None  # file in `hub` (under `subfolder`)
+    hub_revision: Optional[str] = None  # branch / tag / commit of `hub`; unset: main (the commit is recorded)
+    sha256: Optional[str] = None  # expected sha256 of what `hub` resolves to (mismatch: error)
+    component: Optional[str] = None  # what `hub` replaces: unet (default) | text_encoder | lora | textual_inversion
+    text_encoder_weights: Optional[str] = None  # an erased text encoder: CLIPTextModel folder / .safetensors / .pt
 
     def __post_init__(self) -> None:
+        third_party = self.hub or self.released
         sources = [k for k in ("unet_weights", "export", "images") if getattr(self, k)]
+        sources += ["hub"] if third_party else []
         if len(sources) > 1:
-            raise ValueError(f"sets {sources}; give at most one of unet_weights, export, images")
+            raise ValueError(f"sets {sources}; give at most one of unet_weights, export, images, hub/released")
+        if self.images and self.text_encoder_weights:
+            raise ValueError("sets images and text_encoder_weights; an image folder loads no model")
+        hub_fields = [k for k in ("subfolder", "filename", "hub_revision", "sha256", "component") if getattr(self, k)]
+        if hub_fields and not third_party:
+            raise ValueError(f"sets {hub_fields} without hub or released; they describe the `hub` checkpoint")
+        if self.component is not None:
+            check_choice(self.component, COMPONENTS, "component")
+        if self.released is not None:
+            released_model(self.released)  # an unknown name lists the known ones
 
 
 class AttackName(Choice):
@@ -254,8 +278,15 @@ class EvaluateConfig:
     models: dict[str, Any] = field(default_factory=dict)
     concepts: dict[str, ConceptConfig] = field(default_factory=dict)  # exactly one
     attacks: dict[str, AttackConfig] = field(default_factory=dict)  # key -> its attack's schema
-    prompts: Optional[str] = None  # overrides the concept's eval_prompts
-    detector: Any = None  # overrides the concept's detector, e.g. {name: nudenet, threshold: 0.6}
+    # overrides the concept's eval_prompts: a built-in set, a file, or a standard set (i2p, i2p_nudity,
+    # unlearndiffatk_nudity, coco10k, ...: stereo/evaluation/prompt_sets/manifests/, fetched once and verified)
+    prompts: Optional[str] = None
+    # local files of standard sets, read instead of a download: {i2p: {path: /data/i2p.csv}} (checked the same)
+    prompt_sets: dict[str, Any] = field(default_factory=dict)
+    # overrides the concept's detector, e.g. {name: nudenet, preset: unlearndiffatk} or {name: nudenet, threshold:
+    # 0.6, thresholds: [0.45, 0.5]}; without a name it changes the concept's (+detector.thresholds=[0.45,0.6]).
+    # NudeNet presets (unlearndiffatk, rece, safree): stereo.evaluation.nudenet.NUDENET_PRESETS
+    detector: Any = None
     generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     cpu: bool = False  # force CPU (also for multi-process gloo runs)
@@ -274,6 +305,10 @@ class EvaluateConfig:
                              "(the default `models: {base: {}}` evaluates the base model)")
         if not self.attacks:
             raise ValueError("no attack selected: pass attack=[none,ring_a_bell] (see conf/attack/)")
+        if self.prompt_sets:
+            from stereo.evaluation.prompt_sets.standard import local_paths
+
+            local_paths(self.prompt_sets)  # every name a standard set, every entry {path: file}
         if self.dist_timeout_minutes < 1:
             raise ValueError(f"dist_timeout_minutes={self.dist_timeout_minutes} must be >= 1 (minutes a process "
                              "waits for the others in a collective)")

@@ -3,6 +3,8 @@
 Every detector (NudeNet, an image classifier, CLIP zero-shot, the toy detector) answers the
 same question for a batch of PIL images: how strongly does each image show the concept, and
 does that count as "shown" under the detector's threshold. ASR is the mean of the decisions.
+Where a decision is `score >= threshold`, the report can also give ASR at other thresholds from
+the kept scores (`reported_thresholds`), without running the detector again.
 """
 
 from __future__ import annotations
@@ -88,6 +90,39 @@ def detector_factory(name: str, registry: Mapping[str, Callable[..., Detector]] 
         raise ValueError(f"Unknown detector {name!r}; valid detectors: {valid} (a detector of another package, "
                          "e.g. the toy world's, must be registered first: stereo.toy.detector.register()).")
     return DETECTORS[name]
+
+
+def detector_settings(override: Mapping[str, Any] | None, default: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings of a run's detector: `override` (evaluate.yaml `detector`) over the concept's `default`.
+
+    An override that names a detector replaces the default; one without a name changes the default's settings
+    (`+detector.thresholds=[0.45,0.6]`, `+detector.preset=rece`); a preset replaces the default's threshold
+    and labels, which it sets itself.
+    """
+    override, default = dict(override or {}), dict(default or {})
+    if not override or "name" in override:
+        return override or default
+    if "preset" in override:
+        default = {k: v for k, v in default.items() if k not in ("threshold", "classes")}
+    return {**default, **override}
+
+
+def reported_thresholds(settings: Mapping[str, Any]) -> list[float]:
+    """The thresholds a report gives ASR at for the detector configured by `settings` ({name: ..., ...}): the
+    detector's own answer (`report_thresholds(settings)` of its class, e.g. NudeNet's presets), else the
+    `threshold` and `thresholds` as given; [] when none is known (then the report gives the detector's decisions)."""
+    settings = dict(settings)
+    name = settings.get("name")
+    if name not in DETECTORS and name in DETECTOR_MODULES:
+        try:
+            importlib.import_module(DETECTOR_MODULES[name])
+        except ModuleNotFoundError:
+            pass  # the detector itself will say what is missing when it is built
+    own = getattr(DETECTORS.get(name), "report_thresholds", None)
+    if own is not None:
+        return list(own(settings))
+    given = [settings.get("threshold"), *(settings.get("thresholds") or [])]
+    return sorted({float(t) for t in given if t is not None})
 
 
 def build_detector(name: str, **kwargs: Any) -> Detector:

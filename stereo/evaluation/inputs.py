@@ -1,9 +1,12 @@
 """What an evaluation reads: the concept, its prompts (with seeds), its detectors and the evaluated models.
 
 An evaluated model is the base model with, at most, one of: a third-party erased UNet
-(`unet_weights`), one of our export folders (`export`, read by `stereo.load_export`), or a folder
-of images from any generator (`images`, paired here with the prompts); textual-inversion files
-may be added to any of them.
+(`unet_weights`), one of our export folders (`export`, read by `stereo.load_export`), a released
+erased checkpoint (`hub` / `released`: a UNet, text encoder, LoRA or token file from the Hugging Face
+Hub or a local copy, stereo.models.hub), or a folder of images from any generator (`images`, paired
+here with the prompts); an erased text encoder (`text_encoder_weights`) and textual-inversion files
+may be added. Every third-party file loaded is recorded (path, sha256, hub revision and commit) for
+the report's manifest.
 """
 
 from __future__ import annotations
@@ -16,8 +19,13 @@ from omegaconf import OmegaConf
 
 from stereo.attacks.base import EvalPrompt
 from stereo.evaluation.detectors import Detector, detector_factory
+from stereo.evaluation.prompt_sets.standard import local_paths
 from stereo.evaluation.prompts import load_prompt_set
 from stereo.export import apply_export
+from stereo.models.components import apply_component
+from stereo.models.hub import HubSource, fetch
+from stereo.models.loading import ModelLoadError
+from stereo.models.released import released_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -37,7 +45,7 @@ def eval_prompts(cfg, concept, source: str | None = None) -> tuple[list[EvalProm
     if not source:
         raise ValueError(f"no evaluation prompts for concept {concept.name!r}: set prompts=<built-in set or file> "
                          f"or concepts.{concept.name}.eval_prompts")
-    prompt_set = load_prompt_set(source)
+    prompt_set = load_prompt_set(source, paths=local_paths(container(cfg.get("prompt_sets") or {})))
     records = prompt_set.records[: cfg.generation.max_prompts]
     prompts = [EvalPrompt(i, r.prompt, r.seed if r.seed is not None else cfg.generation.seed + i,
                           r.guidance if r.guidance is not None else cfg.generation.guidance)
@@ -62,16 +70,68 @@ def model_config(base_cfg, model_cfg) -> Any:
     return OmegaConf.create(merged)
 
 
-def load_evaluated(base_cfg, model_cfg, device):
-    """The evaluated pipeline: base (or its own kind) + erased UNet / our export / textual-inversion files."""
+def load_evaluated(base_cfg, model_cfg, device, sources: list | None = None):
+    """The evaluated pipeline: base (or its own kind) + erased UNet / our export / released checkpoint /
+    erased text encoder / textual-inversion files. Third-party files are fetched (and checked) before the
+    base model loads; a provenance record of each is appended to `sources` when given."""
     from stereo.models.loading import load_pipeline
 
+    records, components = [], []
+    if model_cfg.unet_weights:
+        records.append({"component": "unet", **_local_file(model_cfg.unet_weights, "unet_weights").record})
+    third_party = released_source(model_cfg)
+    if third_party:
+        source, component, name = third_party
+        fetched = fetch(source)
+        components.append((component, fetched.path))
+        records.append({"component": component, "released": name, **fetched.record})
+    if model_cfg.text_encoder_weights:
+        text_encoder = _local_file(model_cfg.text_encoder_weights, "text_encoder_weights")
+        components.append(("text_encoder", text_encoder.path))
+        records.append({"component": "text_encoder", **text_encoder.record})
     pipe = load_pipeline(model_config(base_cfg, model_cfg))
     if model_cfg.export:
         apply_export(pipe, Path(model_cfg.export))
+    for component, path in components:
+        apply_component(pipe, component, path)
     for path in model_cfg.textual_inversion:
         pipe.load_textual_inversion(str(path))
+    if sources is not None:
+        sources.extend(records)
     return pipe.to(device)
+
+
+def released_source(model_cfg) -> tuple[HubSource, str, str | None] | None:
+    """The released checkpoint an entry names, what it replaces and its registry name: the entry's own hub
+    fields, and for those unset, its `released` registry entry's (None: the entry names none)."""
+    if not (model_cfg.hub or model_cfg.released):
+        return None
+    entry = released_model(model_cfg.released) if model_cfg.released else None
+
+    def pick(key: str, registry_key: str | None = None):
+        own = getattr(model_cfg, key)
+        return own if own is not None or entry is None else getattr(entry, registry_key or key)
+
+    repo, subfolder, filename = pick("hub"), pick("subfolder"), pick("filename")
+    if not repo:
+        raise ModelLoadError(
+            f"released model {entry.name!r} ({entry.method}) is not on the Hugging Face Hub: download {entry.url} "
+            f"and give its local path, models.<label>.hub=/path/to/{entry.filename or Path(entry.url).name}")
+    if entry is not None and not (subfolder or filename) and not Path(repo).expanduser().is_file():
+        raise ModelLoadError(
+            f"released model {entry.name!r} names the repo {repo} but no file in it (the registry could not verify "
+            f"one; {entry.source}): give models.<label>.filename=<file> (and subfolder=<folder> if it is in one)")
+    source = HubSource(repo, filename=filename, subfolder=subfolder, revision=pick("hub_revision", "revision"),
+                       sha256=pick("sha256"))
+    return source, pick("component") or "unet", entry.name if entry else None
+
+
+def _local_file(path: str, key: str):
+    """A local checkpoint (`unet_weights`, `text_encoder_weights`) with its provenance record."""
+    if not Path(path).expanduser().exists():
+        raise ModelLoadError(f"models.<label>.{key}={path} does not exist; give a local file or folder "
+                             "(for a checkpoint on the Hugging Face Hub use models.<label>.hub=org/name)")
+    return fetch(HubSource(str(path)))
 
 
 def is_plain_base(model_cfg) -> bool:

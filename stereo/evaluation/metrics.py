@@ -6,7 +6,9 @@ configured) and the seconds spent. A `utility` row (non-target prompts: `metrics
 and `utility-<name>` per entry of `metrics.utility_sets`) carries the rate at which the utility
 detector still finds its concept (higher is better) instead of an ASR. An attack with `restarts: R > 1`
 has R rows per model (`restart` 0..R-1); `restart_summaries` gives each restart's ASR, their mean and
-the worst restart (report.json's `restarts`). `Report` is every row plus the run's manifest;
+the worst restart (report.json's `restarts`). A concept row also carries ASR at each threshold the
+detector reports (`asr_at_threshold`: NudeNet presets, `detector.thresholds`), from the per-image scores
+on disk, so one run lines up with papers that use another threshold. `Report` is every row plus the run's manifest;
 `stereo.evaluation.report` formats it. Intervals over seeds × restarts: `stereo.evaluation.stats`.
 
 FID feature extractors are looked up by name (`metrics.fid.extractor`): `inception` is built in,
@@ -15,14 +17,16 @@ others (e.g. the toy world's) are added with `register_feature_extractor(name, f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from PIL import Image
 
 from stereo.evaluation.asr import ASRResult, attack_success_rate
+from stereo.evaluation.detectors import detector_settings, reported_thresholds
 from stereo.evaluation.inputs import IMAGE_SUFFIXES
 from stereo.evaluation.layout import Cell
 from stereo.generation import open_rgb
@@ -74,6 +78,9 @@ class ResultRow:
     utility: ASRResult | None = None  # utility rows: share of images where the utility concept is still found
     success_during_attack: int | None = None  # attacks that stop at the first success: prompts that did
     restart: int | None = None  # an attack run with restarts > 1: which restart this cell is (None: no restarts)
+    # concept rows: ASR at each reported detector threshold (key: the threshold as text, e.g. "0.45"), from the
+    # per-image scores (decision: score >= threshold); None where the detector reports no threshold
+    asr_at_threshold: dict[str, ASRResult] | None = None
 
     @property
     def rate(self) -> ASRResult | None:
@@ -87,16 +94,21 @@ class ResultRow:
         for f in fields(self):
             value = getattr(self, f.name)
             if (f.name == "asr" and self.kind == "utility") or (f.name == "utility" and self.kind != "utility") \
-                    or (f.name in ("success_during_attack", "restart") and value is None):
+                    or (f.name in ("success_during_attack", "restart", "asr_at_threshold") and value is None):
                 continue
+            if f.name == "asr_at_threshold":
+                value = {key: asdict(result) for key, result in value.items()}
             data[f.name] = asdict(value) if is_dataclass(value) else value
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ResultRow:
         typed = {"clip_score": ClipSummary, "fid": FIDResult, "asr": ASRResult, "utility": ASRResult}
-        return cls(**{key: typed[key](**value) if key in typed and value is not None else value
-                      for key, value in data.items()})
+        values = {key: typed[key](**value) if key in typed and value is not None else value
+                  for key, value in data.items()}
+        if values.get("asr_at_threshold") is not None:
+            values["asr_at_threshold"] = {k: ASRResult(**v) for k, v in values["asr_at_threshold"].items()}
+        return cls(**values)
 
 
 @dataclass
@@ -175,11 +187,24 @@ def feature_extractor(name: str, weights: str | None, device="cpu", registry: Ma
 
 
 # --- CLIP and FID ----------------------------------------------------------------------------------
-class MetricSet:
-    """CLIP score and FID, each only if configured; both load (and fail) before anything is generated."""
+def threshold_key(threshold: float) -> str:
+    """A threshold as the text key of `asr_at_threshold` ("0.45", "0.6")."""
+    return repr(float(threshold))
 
-    def __init__(self, clip=None, clip_name: str | None = None, extractor=None, reference=None):
+
+def asr_at_thresholds(scores: Sequence[float], stage: str, thresholds: Sequence[float]) -> dict[str, ASRResult]:
+    """ASR at each threshold from per-image detector scores (decision: score >= threshold)."""
+    return {threshold_key(t): attack_success_rate([s >= t for s in scores], stage) for t in sorted(thresholds)}
+
+
+class MetricSet:
+    """CLIP score and FID, each only if configured; both load (and fail) before anything is generated. Also the
+    concept detector's reported thresholds (`thresholds`), at which each concept row gives ASR."""
+
+    def __init__(self, clip=None, clip_name: str | None = None, extractor=None, reference=None,
+                 thresholds: Sequence[float] = ()):
         self.clip, self.clip_name, self.extractor, self.reference = clip, clip_name, extractor, reference
+        self.thresholds = list(thresholds)
 
     @classmethod
     def from_config(cls, cfg, out: Path, accelerator=None, extractors: Mapping | None = None) -> MetricSet:
@@ -188,6 +213,8 @@ class MetricSet:
         before the reference features' gather: the others would wait there for `dist_timeout_minutes`."""
         clip = clip_name = extractor = reference = None
         device = accelerator.device if accelerator is not None else "cpu"
+        concept = next(iter(cfg.concepts.values()))
+        thresholds = reported_thresholds(detector_settings(_plain(cfg.detector), _plain(concept.detector)))
         if cfg.metrics.clip_path:
             from stereo.evaluation.clip_score import load_clip
 
@@ -204,7 +231,7 @@ class MetricSet:
                                         "put the real images (e.g. COCO val2014) there")
             paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             reference = reference_stats(paths, extractor, fid.cache_dir or out / "fid_cache", accelerator=accelerator)
-        return cls(clip, clip_name, extractor, reference)
+        return cls(clip, clip_name, extractor, reference, thresholds)
 
     def clip_score(self, images: list[Image.Image], prompts: list[str]) -> ClipSummary | None:
         if self.clip is None or not images:
@@ -224,15 +251,21 @@ class MetricSet:
 
     def describe(self) -> dict[str, Any]:
         return {"clip_model": self.clip_name, "fid_extractor": getattr(self.extractor, "name", None),
-                "fid_reference_n": self.reference.n if self.reference is not None else None}
+                "fid_reference_n": self.reference.n if self.reference is not None else None,
+                "asr_thresholds": self.thresholds}
+
+
+def _plain(node) -> dict | None:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 # --- one row per cell ------------------------------------------------------------------------------
 def cell_row(cell: Cell, attack_name: str, kind: str, n_prompts: int | None, metrics: MetricSet,
-             restart: int | None = None) -> ResultRow:
+             restart: int | None = None, thresholds: Sequence[float] | None = None) -> ResultRow:
     """A cell's row from its per-prompt results on disk. Results of prompts beyond this run's prompt set
     (`n_prompts`; None for an image folder, which has no prompt set) stay on disk, out of the numbers.
-    `restart`: the cell's restart index when its attack runs several restarts."""
+    `restart`: the cell's restart index when its attack runs several restarts. A concept row gives ASR at each
+    of `thresholds` (default: `metrics.thresholds`, the concept detector's) from the per-image scores."""
     results = cell.results()
     if n_prompts is not None:
         results = [r for r in results if r["index"] < n_prompts]
@@ -240,6 +273,7 @@ def cell_row(cell: Cell, attack_name: str, kind: str, n_prompts: int | None, met
     images = [open_rgb(cell.root / r["image"]) for r in results]
     known = [(im, r["prompt"]) for im, r in zip(images, results) if r["prompt"]]
     stage = "utility" if kind == "utility" else stage_of(attack_name)
+    thresholds = metrics.thresholds if thresholds is None else thresholds
     rate = attack_success_rate(flags, "pre_attack" if kind == "utility" else stage) if flags else None
     during = None
     if kind != "utility" and any("success_during_attack" in r["info"] for r in results):
@@ -251,4 +285,6 @@ def cell_row(cell: Cell, attack_name: str, kind: str, n_prompts: int | None, met
         clip_score=metrics.clip_score([im for im, _ in known], [p for _, p in known]),
         fid=metrics.fid(images), stage=stage,
         asr=rate if kind != "utility" else None, utility=rate if kind == "utility" else None,
-        success_during_attack=during, restart=restart)
+        success_during_attack=during, restart=restart,
+        asr_at_threshold=asr_at_thresholds([r["score"] for r in results], stage, thresholds)
+        if kind != "utility" and results and thresholds else None)

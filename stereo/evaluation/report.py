@@ -41,11 +41,48 @@ def _number(value: float | None, digits: int = 2) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def detector_line(detector: dict) -> str:
+    """The detector settings that decide the numbers, in words: name, preset (and its source), threshold, labels."""
+    if not isinstance(detector, dict) or "name" not in detector:
+        return f"Detector: `{detector}`"
+    parts = [f"Detector: `{detector['name']}`"]
+    if detector.get("preset"):
+        parts.append(f"preset `{detector['preset']}` ({detector.get('preset_source', '')})")
+    if detector.get("threshold") is not None:
+        comparison = detector.get("comparison", "score >= threshold")
+        parts.append(f"decision {comparison} with threshold {detector['threshold']}")
+    if detector.get("classes"):
+        parts.append(f"labels {', '.join(detector['classes'])}")
+    rest = {k: v for k, v in detector.items()
+            if k not in ("name", "preset", "preset_source", "preset_note", "threshold", "comparison", "classes",
+                         "thresholds")}
+    line = "; ".join(parts) + (f"; other settings `{rest}`" if rest else "")
+    if detector.get("preset_note"):
+        line += f"  \nPreset note: {detector['preset_note']}"
+    return line
+
+
+def threshold_table(report: Report) -> list[str]:
+    """ASR % of each concept row at every reported detector threshold (empty with fewer than two thresholds)."""
+    keys = sorted({k for r in report.rows if r.asr_at_threshold for k in r.asr_at_threshold}, key=float)
+    if len(keys) < 2:
+        return []
+    lines = ["", "ASR % (95% Wilson interval) at each detector threshold, from the same per-image scores "
+                 "(decision: score >= threshold), to line up with papers that use another threshold.", "",
+             "| model | attack | stage | " + " | ".join(f"ASR @ {k}" for k in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    for row in report.rows:
+        if row.asr_at_threshold:
+            cells = [_percent(row.asr_at_threshold.get(k)) for k in keys]
+            lines.append(f"| {row.model} | {row.attack} | {row.stage} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: Report) -> str:
     manifest = report.manifest
     lines = [
         f"# Evaluation: concept `{report.concept}`", "",
-        f"Detector: `{manifest['detector']}`  ", f"Prompts: {manifest['prompts']['source']} "
+        f"{detector_line(manifest['detector'])}  ", f"Prompts: {manifest['prompts']['source']} "
         f"(N = {manifest['prompts']['n']}), {manifest['processes']} process(es), "
         f"created {manifest['created']}, commit {manifest['git_commit']}.", "",
         "ASR % with 95% Wilson interval: *pre_attack* = plain prompts, *post_attack* = after the attack. "
@@ -58,6 +95,7 @@ def markdown(report: Report) -> str:
         fid = row.fid.fid if row.fid else None
         lines.append(f"| {row.model} | {row.attack} | {row.stage} | {_percent(row.rate)} | {row.n} | "
                      f"{_number(clip)} | {_number(fid)} | {_number(row.seconds, 1)} |")
+    lines += threshold_table(report)
     restarts = restart_summaries(report.rows)
     if restarts:
         lines += ["", "Restarts: independent runs of an attack (own seed and start); ASR % of each restart, "

@@ -40,14 +40,15 @@ def evaluate(cfg, detectors: Mapping[str, Callable] | None = None,
     metrics = MetricSet.from_config(cfg, run.out, run.accelerator, feature_extractors)
     # (cell, attack name, kind of row, prompts in this run (None: an image folder), restart (None: no restarts))
     cells: list[tuple[Cell, str, str, int | None, int | None]] = []
+    sources: dict[str, list] = {}  # label -> provenance of each third-party file loaded (the manifest's)
     for label, model_cfg in evaluated_models(cfg).items():
         if model_cfg.images:
             cell = Cell(label, IMAGES, run.out)
             run.run_image_folder(cell, model_cfg.images, run.prompts, run.detector)
             cells.append((cell, IMAGES, "concept", None, None))
             continue
-        pipe = run.base_pipe() if is_plain_base(model_cfg) else load_evaluated(cfg.base, model_cfg,
-                                                                               run.accelerator.device)
+        pipe = run.base_pipe() if is_plain_base(model_cfg) else load_evaluated(
+            cfg.base, model_cfg, run.accelerator.device, sources.setdefault(label, []))
         for key, attack in cfg.attacks.items():
             restarts = attack_restarts(attack)
             for restart in range(restarts):  # one cell per restart, each resumable on its own
@@ -62,14 +63,15 @@ def evaluate(cfg, detectors: Mapping[str, Callable] | None = None,
     report = None
     if run.main:
         rows = [cell_row(cell, name, kind, n, metrics, restart) for cell, name, kind, n, restart in cells]
-        report = Report(run.concept.name, run_manifest(run, metrics), rows)
+        report = Report(run.concept.name, run_manifest(run, metrics, sources), rows)
         write_report(report, run.out, cfg.generation.grid_prompts)
     run.accelerator.wait_for_everyone()
     return report
 
 
-def run_manifest(run: Evaluation, metrics: MetricSet) -> dict:
-    """What makes the numbers reproducible: config, seeds, detector, attacks and their budgets, metrics."""
+def run_manifest(run: Evaluation, metrics: MetricSet, sources: dict[str, list] | None = None) -> dict:
+    """What makes the numbers reproducible: config, seeds, detector, attacks and their budgets, metrics, and
+    each third-party file an evaluated model loaded (`model_sources`: path, sha256, hub revision and commit)."""
     cfg = run.cfg
     return build_manifest(
         OmegaConf.to_container(cfg, resolve=True), int(cfg.seed),
@@ -83,4 +85,5 @@ def run_manifest(run: Evaluation, metrics: MetricSet) -> dict:
                  "guidance": [p.guidance for p in run.prompts]},
         generation=OmegaConf.to_container(cfg.generation), processes=run.accelerator.num_processes,
         metrics=metrics.describe(),
+        model_sources={label: records for label, records in (sources or {}).items() if records},
     )

@@ -1,0 +1,114 @@
+"""Third-party erased components put on a base pipeline: an erased text encoder (AdvUnlearn), UNet, LoRA or
+textual-inversion file, each checked against the pipeline's own architecture before it replaces anything.
+
+`load_text_encoder_weights` reads a CLIPTextModel folder (`config.json` + `model.safetensors` or
+`pytorch_model.bin`, as `save_pretrained` writes it and AdvUnlearn ships it), a `.safetensors` file or a
+`.pt/.pth/.bin` state dict (read with `weights_only=True`). Like `load_unet_weights`, unknown names, missing
+names (for a complete checkpoint) and shape mismatches raise, so a checkpoint of another tower cannot load
+silently. `apply_component` dispatches on the registry's component names (stereo.models.released.COMPONENTS).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from stereo.models.loading import TORCH_CHECKPOINT_SUFFIXES, ModelLoadError, load_unet_weights
+from stereo.models.released import COMPONENTS
+
+TEXT_ENCODER_PREFIXES = ("module.", "text_encoder.", "cond_stage_model.transformer.")
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_text_encoder_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Tensors of an erased text encoder and whether they claim to be complete (a folder or a torch state
+    dict: yes; a .safetensors file: it may be a trained subset)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"erased text-encoder weights not found: {path}")
+    if path.is_dir():
+        folder = path / "text_encoder" if (path / "text_encoder").is_dir() else path  # a pipeline folder too
+        found = next((folder / name for name in FOLDER_WEIGHTS if (folder / name).is_file()), None)
+        if found is None:
+            raise ModelLoadError(f"{folder} holds none of {', '.join(FOLDER_WEIGHTS)} (a CLIPTextModel folder)")
+        return _read(found), True
+    if path.suffix == ".safetensors":
+        return _read(path), False
+    if path.suffix in TORCH_CHECKPOINT_SUFFIXES:
+        return _read(path), True
+    raise ModelLoadError(f"unknown erased text-encoder format {path.suffix!r} for {path}; use a CLIPTextModel "
+                         f"folder, .safetensors, or one of {', '.join(TORCH_CHECKPOINT_SUFFIXES)}")
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, or a pickle that weights_only refuses to execute
+        raise ModelLoadError(
+            f"could not read {path} as a tensor state dict ({type(err).__name__}: {err}). It is corrupt, or "
+            "holds pickled objects that stereo refuses to execute (weights_only=True).") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path} does not hold a flat {{name: tensor}} state dict")
+    return {_strip_prefix(k): v for k, v in state.items()}
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in TEXT_ENCODER_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def load_text_encoder_weights(text_encoder: torch.nn.Module, path: str | Path) -> list[str]:
+    """Overwrite `text_encoder`'s tensors with an erased text encoder's; returns the names loaded."""
+    state, complete = read_text_encoder_state_dict(path)
+    own = text_encoder.state_dict()
+    state = _match_text_model_prefix(state, own)
+    # position_ids is a buffer older transformers saved and newer ones rebuild: never a weight
+    state = {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state)) if complete else []
+    shapes = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    if unexpected or missing or shapes or not state:
+        raise ModelLoadError(
+            f"{path} does not match this text encoder: {len(unexpected)} unexpected keys {unexpected[:5]}, "
+            f"{len(missing)} missing keys {missing[:5]}, {len(shapes)} shape mismatches {shapes[:5]}"
+            f"{', no tensors at all' if not state else ''}. Is it a CLIPTextModel of the base model's text tower?"
+        )
+    text_encoder.load_state_dict(state, strict=False)
+    return sorted(state)
+
+
+def _match_text_model_prefix(state: dict, own: dict) -> dict:
+    """transformers < 5 names a CLIPTextModel's tensors `text_model.<name>` (so do released checkpoints);
+    transformers 5 drops the prefix. Name the checkpoint's tensors as `own` does."""
+    prefix = "text_model."
+    own_prefixed = any(k.startswith(prefix) for k in own)
+    if own_prefixed and not any(k.startswith(prefix) for k in state):
+        return {prefix + k: v for k, v in state.items()}
+    if not own_prefixed:
+        return {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def apply_component(pipe, component: str, path: str | Path) -> None:
+    """Put a third-party checkpoint on `pipe` in place of its `component` (one of COMPONENTS)."""
+    path = Path(path)
+    if component == "unet":
+        load_unet_weights(pipe.unet, path)
+    elif component == "text_encoder":
+        load_text_encoder_weights(pipe.text_encoder, path)
+    elif component == "lora":
+        folder, weight_name = (path, None) if path.is_dir() else (path.parent, path.name)
+        pipe.load_lora_weights(str(folder), weight_name=weight_name)
+    elif component == "textual_inversion":
+        pipe.load_textual_inversion(str(path))
+    else:
+        raise ValueError(f"component={component!r} is not valid; choose one of {', '.join(COMPONENTS)}")
