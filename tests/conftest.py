@@ -102,3 +102,21 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state()
     yield
     AcceleratorState._reset_state()
+
+
+# --- the attack tests' concept and prompts (tests/test_attacks.py, tests/test_family_attacks.py) ----------------
+@pytest.fixture
+def concept():
+    """A toy concept for attacks on small random models."""
+    from stereo.config import ConceptConfig
+
+    return ConceptConfig(name="circle", prompts=["circle"], kind="object", initializer_token="shape",
+                         gallery_prompts=["a red circle"])
+
+
+@pytest.fixture
+def prompts():
+    """Two evaluation prompts with their seeds and CFG scales."""
+    from stereo.attacks.base import EvalPrompt
+
+    return [EvalPrompt(i, p, 100 + i, 5.0) for i, p in enumerate(["a red circle", "a blue circle on grey"])]

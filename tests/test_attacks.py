@@ -13,7 +13,6 @@ import torch
 from stereo.attacks.base import (
     ATTACK_MODULES,
     AttackTarget,
-    EvalPrompt,
     GenerationSettings,
     build_attack,
     read_attacked,
@@ -24,7 +23,6 @@ from stereo.attacks.base import (
 from stereo.attacks.inversion import load_token
 from stereo.attacks.ring_a_bell import concept_vector, default_pairs, encode_texts
 from stereo.attacks.unlearndiffatk import project_to_simplex
-from stereo.config import ConceptConfig
 from stereo.evaluation.config import attack_config
 from stereo.evaluation.detectors import Detection
 from stereo.models.tiny import tiny_pipeline
@@ -56,17 +54,6 @@ def fresh_pipe(seed: int = 0):
     pipe = tiny_pipeline(seed=seed)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@pytest.fixture
-def concept():
-    return ConceptConfig(name="circle", prompts=["circle"], kind="object", initializer_token="shape",
-                         gallery_prompts=["a red circle"])
-
-
-@pytest.fixture
-def prompts():
-    return [EvalPrompt(i, p, 100 + i, 5.0) for i, p in enumerate(["a red circle", "a blue circle on grey"])]
 
 
 def target_for(tmp_path, concept, name, detector=None, pipe=None, base=None):

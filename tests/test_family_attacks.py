@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from stereo.attacks.base import (
     AttackTarget,
-    EvalPrompt,
     GenerationSettings,
     build_attack,
     condition_of_ids,
@@ -32,7 +31,6 @@ from stereo.attacks.inversion import (
 from stereo.attacks.ring_a_bell import concept_vector, default_pairs, encode_texts
 from stereo.attacks.unlearndiffatk import attackable_vocabulary
 from stereo.conditioning import split_pooled
-from stereo.config import ConceptConfig
 from stereo.evaluation.config import attack_config
 from stereo.evaluation.detectors import Detection
 from stereo.generation import encode_prompts, prompt_ids
@@ -56,17 +54,6 @@ def family_pipe(family: str):
 class NeverDetector:
     def detect(self, images):
         return Detection([0.0] * len(images), [False] * len(images))
-
-
-@pytest.fixture
-def concept():
-    return ConceptConfig(name="circle", prompts=["circle"], kind="object", initializer_token="shape",
-                         gallery_prompts=["a red circle"])
-
-
-@pytest.fixture
-def prompts():
-    return [EvalPrompt(i, p, 100 + i, 5.0) for i, p in enumerate(["a red circle", "a blue circle on grey"])]
 
 
 def target_for(tmp_path, concept, family, name, pipe=None):

@@ -1,4 +1,4 @@
-"""Peak GPU memory of every STEREO phase on SD 1.4 (512 px, `trainer=gpu`), estimated on a CPU.
+"""Peak GPU memory of every STEREO phase on SD 1.4 (512 px, `trainer=gpu`), SD 2.1 or SDXL, estimated on a CPU.
 
 Each phase's real code path (the UNet, text encoder and VAE of `model=sd14-random`, built from
 stereo/models/configs/sd14; AdamW; gradient checkpointing) runs forward and backward on meta
@@ -25,6 +25,8 @@ parameters), the accelerator keeping every round's UNet and AdamW state, DDP buc
   python -m benchmarks.memory                              # SD 1.4, writes results/memory_sd14.{md,json}
   python -m benchmarks.memory --json -                     # per-phase estimate as JSON on stdout
   python -m benchmarks.memory --model tiny --out /tmp/m    # the same phases on the tiny model (tests)
+  python -m benchmarks.memory --model sdxl-random          # SDXL's real shapes, 1024 px (sd21-random: 2.1, 768 px)
+  python -m benchmarks.memory --model sdxl-random method.subset=xattn   # config overrides -> memory_sdxl-random_<...>
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for memory_<model>.{md,json}")
     parser.add_argument("--json", metavar="PATH", help="also write the per-phase estimate as JSON ('-': stdout)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("overrides", nargs="*", help="train.py config overrides, e.g. method.subset=xattn")
     args = parser.parse_args(argv)
     began = time.perf_counter()
-    setup = read_setup(args.model)
+    setup = read_setup(args.model, overrides=tuple(args.overrides))
     log = (lambda *_: None) if args.json == "-" else print
     phases = estimate(setup, log=log)
     seconds = time.perf_counter() - began
@@ -62,5 +65,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(estimates_json(phases, setup), indent=1))
     if not args.no_write:
-        print(f"wrote {write_results(phases, setup, args.out, seconds)}.{{md,json}}")
+        print(f"wrote {write_results(phases, setup, args.out, seconds, args.overrides)}.{{md,json}}")
     return 0

@@ -67,9 +67,11 @@ def estimates_json(phases: list[Phase], setup: Setup) -> dict:
             "phases": {p.name: p.as_dict() for p in phases}}
 
 
-def write_results(phases: list[Phase], setup: Setup, out: Path, seconds: float) -> Path:
+def write_results(phases: list[Phase], setup: Setup, out: Path, seconds: float, overrides: list[str] = ()) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"memory_{'sd14' if setup.model == 'sd14-random' else setup.model}"
+    name = "sd14" if setup.model == "sd14-random" else setup.model
+    tag = "".join(f"_{o.replace('=', '-').replace('.', '-').replace('/', '-')}" for o in overrides)
+    stem = out / f"memory_{name}{tag}"
     command = shlex.join(["python", "-m", "benchmarks.memory", *sys.argv[1:]])
     info = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(seconds, 1), "machine": harness.machine(), **estimates_json(phases, setup)}

@@ -33,7 +33,8 @@ from stereo.attacks.base import (
     write_attacked,
 )
 from stereo.evaluation.config import cell_budget, validate_eval
-from stereo.evaluation.detectors import Detector, detector_settings as merged_detector_settings
+from stereo.evaluation.detectors import Detector
+from stereo.evaluation.detectors import detector_settings as merged_detector_settings
 from stereo.evaluation.inputs import container, eval_prompts, folder_images, make_detector, the_concept
 from stereo.evaluation.layout import Cell, check_resumable
 from stereo.generation import open_rgb

@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from stereo.models.loading import TORCH_CHECKPOINT_SUFFIXES, ModelLoadError, load_unet_weights
+from stereo.models.loading import ModelLoadError, load_unet_weights, read_state_dict
 from stereo.models.released import COMPONENTS
 
 TEXT_ENCODER_PREFIXES = ("module.", "text_encoder.", "cond_stage_model.transformer.")
@@ -24,46 +23,9 @@ FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 def read_text_encoder_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     """Tensors of an erased text encoder and whether they claim to be complete (a folder or a torch state
-    dict: yes; a .safetensors file: it may be a trained subset)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"erased text-encoder weights not found: {path}")
-    if path.is_dir():
-        folder = path / "text_encoder" if (path / "text_encoder").is_dir() else path  # a pipeline folder too
-        found = next((folder / name for name in FOLDER_WEIGHTS if (folder / name).is_file()), None)
-        if found is None:
-            raise ModelLoadError(f"{folder} holds none of {', '.join(FOLDER_WEIGHTS)} (a CLIPTextModel folder)")
-        return _read(found), True
-    if path.suffix == ".safetensors":
-        return _read(path), False
-    if path.suffix in TORCH_CHECKPOINT_SUFFIXES:
-        return _read(path), True
-    raise ModelLoadError(f"unknown erased text-encoder format {path.suffix!r} for {path}; use a CLIPTextModel "
-                         f"folder, .safetensors, or one of {', '.join(TORCH_CHECKPOINT_SUFFIXES)}")
-
-
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, or a pickle that weights_only refuses to execute
-        raise ModelLoadError(
-            f"could not read {path} as a tensor state dict ({type(err).__name__}: {err}). It is corrupt, or "
-            "holds pickled objects that stereo refuses to execute (weights_only=True).") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"{path} does not hold a flat {{name: tensor}} state dict")
-    return {_strip_prefix(k): v for k, v in state.items()}
-
-
-def _strip_prefix(key: str) -> str:
-    for prefix in TEXT_ENCODER_PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
+    dict: yes; a .safetensors file: it may be a trained subset). A pipeline folder's `text_encoder/` works too."""
+    folder_files = (*FOLDER_WEIGHTS, *(f"text_encoder/{name}" for name in FOLDER_WEIGHTS))
+    return read_state_dict(path, "erased text-encoder", folder_files, TEXT_ENCODER_PREFIXES)
 
 
 def load_text_encoder_weights(text_encoder: torch.nn.Module, path: str | Path) -> list[str]:

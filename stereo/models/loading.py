@@ -294,45 +294,54 @@ def read_unet_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], boo
     `weights_only=True` so no pickle code runs; `.safetensors`: a trained subset (ESD style) or a
     full UNet; a folder: a diffusers UNet (`config.json` + weights).
     """
+    return read_state_dict(path, "erased UNet", ("diffusion_pytorch_model.safetensors",
+                                                 "unet/diffusion_pytorch_model.safetensors"), ("module.", "unet."))
+
+
+def read_state_dict(path: str | Path, what: str, folder_files: tuple[str, ...],
+                    prefixes: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], bool]:
+    """{name: tensor} of a third-party checkpoint of one component (`what`) and whether it claims to be complete.
+
+    A folder: the first of `folder_files` it holds (complete); `.safetensors`: maybe a trained subset;
+    `.pt/.pth/.bin/.ckpt`: a state dict (complete), read with `weights_only=True`, so no pickle code runs.
+    Names lose the `prefixes` a training script wrapped them in (`module.` of DDP, the component's name).
+    """
     path = Path(path).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"erased UNet weights not found: {path}")
+        raise ModelLoadError(f"{what} weights not found: {path}")
     if path.is_dir():
-        weights = [path / "diffusion_pytorch_model.safetensors", path / "unet" / "diffusion_pytorch_model.safetensors"]
-        found = next((w for w in weights if w.is_file()), None)
+        found = next((path / name for name in folder_files if (path / name).is_file()), None)
         if found is None:
-            raise ModelLoadError(f"{path} holds no diffusion_pytorch_model.safetensors (a diffusers UNet folder)")
-        return _read_safetensors(found), True
+            raise ModelLoadError(f"{path} holds none of {', '.join(folder_files)} (the {what}'s diffusers folder)")
+        return _read_tensors(found, prefixes), True
     if path.suffix == ".safetensors":
-        return _read_safetensors(path), False
+        return _read_tensors(path, prefixes), False
     if path.suffix in TORCH_CHECKPOINT_SUFFIXES:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # corrupt file, or a pickle that weights_only refuses to execute
-            raise ModelLoadError(
-                f"could not read {path} as a tensor state dict ({type(err).__name__}: {err}). It is corrupt, "
-                "or it holds pickled objects that stereo refuses to execute (weights_only=True)."
-            ) from err
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ModelLoadError(f"{path} does not hold a flat {{name: tensor}} state dict")
-        return {_strip_prefix(k): v for k, v in state.items()}, True
-    raise ModelLoadError(
-        f"unknown erased-UNet format {path.suffix!r} for {path}; use a diffusers folder, .safetensors, "
-        f"or one of {', '.join(TORCH_CHECKPOINT_SUFFIXES)}"
-    )
+        return _read_tensors(path, prefixes), True
+    raise ModelLoadError(f"unknown {what} format {path.suffix!r} for {path}; use a diffusers folder, .safetensors, "
+                         f"or one of {', '.join(TORCH_CHECKPOINT_SUFFIXES)}")
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     try:
-        return {_strip_prefix(k): v for k, v in load_file(str(path)).items()}
-    except Exception as err:
-        raise ModelLoadError(f"could not read {path} as safetensors ({err}); the file may be corrupt") from err
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, or a pickle that weights_only refuses to execute
+        raise ModelLoadError(
+            f"could not read {path} as a tensor state dict ({type(err).__name__}: {err}). It is corrupt, "
+            "or it holds pickled objects that stereo refuses to execute (weights_only=True)."
+        ) from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path} does not hold a flat {{name: tensor}} state dict")
+    return {_strip_prefix(k, prefixes): v for k, v in state.items()}
 
 
-def _strip_prefix(key: str) -> str:
-    for prefix in ("module.", "unet."):
+def _strip_prefix(key: str, prefixes: tuple[str, ...]) -> str:
+    for prefix in prefixes:
         if key.startswith(prefix):
             key = key[len(prefix):]
     return key
