@@ -1,8 +1,10 @@
-"""benchmarks.toy_robustness without training: the protocol's presets, extra methods with overrides, and the
-numbers of its table computed from hand-made reports (worst case over attacks and restarts, paired
-differences, utility as % of the base model)."""
+"""benchmarks.toy_robustness: the protocol's presets, extra methods with overrides, the numbers of its table
+computed from hand-made reports (worst case over attacks and restarts, paired differences, utility as % of the
+base model), and (slow) the quick run end to end."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -92,3 +94,30 @@ def test_the_table_numbers_from_reports():
     assert pool["esd"]["vs"]["reo"].estimate == pytest.approx(0.375)
     assert pool["reo"]["utility_worst"].estimate == 0.5 and pool["reo"]["utility_mean"].estimate == pytest.approx(7 / 8)
     assert "| esd | 87.5 [" in bench.tables(args, {"circle": summary, "triangle": summary}, pool)
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end_writes_restarts_intervals_and_paired_differences(tmp_path):
+    """The benchmark's smoke command (its docstring) with two methods: train on the toy, evaluate every attack with
+    2 restarts, and write .md / .json / .png with per-restart ASR, bootstrap intervals, the other shapes' utility
+    and REO's paired difference to ESD (~2.5 min on 2 cores; CI runs it)."""
+    from benchmarks.toy_robustness import main
+
+    main(["--concepts", "circle", "--seeds", "0", "--quick", "--restarts", "2", "--methods", "esd,reo",
+          "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")])
+    results = json.loads((tmp_path / "results" / "toy_robustness_quick.json").read_text())
+    assert results["command"].startswith("python -m benchmarks.toy_robustness") and results["torch_threads"] >= 1
+    circle = results["concepts"]["circle"]
+    assert set(circle) == {"base", "esd", "reo"}
+    for method in ("esd", "reo"):
+        row = circle[method]
+        for attack in ("concept_inversion", "soft_prompt", "unlearndiffatk"):
+            summary = row["attacks"][attack]
+            assert len(summary["per_restart"]) == 2 and summary["mean"]["n_restarts"] == 2
+            assert summary["mean"]["low"] <= summary["mean"]["estimate"] <= summary["mean"]["high"]
+        assert row["worst_attack"] in ("none", "concept_inversion", "soft_prompt", "unlearndiffatk", "ring_a_bell")
+        assert set(row["utility"]) == {"square", "triangle", "star", "cross"}
+    difference = circle["reo"]["vs"]["esd"]
+    assert difference["low"] <= difference["estimate"] <= difference["high"]
+    assert (tmp_path / "results" / "toy_robustness_quick.md").read_text().count("| circle |") >= 2
+    assert (tmp_path / "results" / "toy_robustness_quick.png").is_file()
