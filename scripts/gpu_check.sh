@@ -12,6 +12,8 @@
 #   2. pytest_rehearsal: tests/test_gpu.py on SD 1.4's rehearsal pipeline (its PNDM scheduler as
 #      published), trainer=gpu, fp16 AND bf16 frozen parts under CUDA autocast, ESD and STEREO;
 #   3. pytest_sd14_512: sd14-random ESD-u at 512 px within its memory bar, the sample grid after the export;
+#   3b. pytest_families: STEREO on tiny SDXL and SD 2.1 (v-prediction) folders with fp16 frozen parts under
+#      CUDA autocast (tests/test_gpu.py; the CPU rehearsals can only run bf16);
 #   4. phase_memory: torch.cuda.max_memory_allocated per phase of the real recipes (ESD-u, every round of
 #      a 2-round STEREO run, REO, the white-box attacks, generation; tests/scripts/gpu_phase_memory.py,
 #      which rewrites its results after every phase, so a timeout keeps what was measured);
@@ -61,7 +63,7 @@ summary, results, logs, total, run_id = (Path(sys.argv[1]), Path(sys.argv[2]), P
 steps = [dict(zip(("step", "status", "exit", "seconds", "log"), line.split("\t")))
          for line in summary.read_text().splitlines()]
 tails = {}
-for name in ("pytest_rehearsal", "pytest_sd14_512"):
+for name in ("pytest_rehearsal", "pytest_sd14_512", "pytest_families"):
     log = logs / f"{name}.log"
     tails[name] = log.read_text(errors="replace").splitlines()[-15:] if log.is_file() else []
 files = sorted(p.name for p in results.glob("gpu_*") if p.name not in ("gpu_check.md", "gpu_check.json"))
@@ -251,7 +253,8 @@ export -f environment pytest_gpu memory_estimate speed speed_compile
 run_step environment 25 environment
 ENV_RC=$(awk -F'\t' '$1 == "environment" {print $3}' "$SUMMARY")
 if [[ "${ENV_RC:-}" == 3 ]]; then
-  for step in pytest_rehearsal pytest_sd14_512 phase_memory memory_estimate speed_bf16_gc speed_compile; do
+  for step in pytest_rehearsal pytest_sd14_512 pytest_families phase_memory memory_estimate speed_bf16_gc \
+      speed_compile; do
     skip_step "$step" 0 "the environment check failed (logs/environment.log)"
   done
   exit 1
@@ -259,13 +262,15 @@ fi
 if [[ -e "$WORK/no_pytest" ]]; then
   skip_step pytest_rehearsal 60 "pytest is not installed (only in the [dev] extra: pip install -e '.[dev]')"
   skip_step pytest_sd14_512 60 "pytest is not installed (only in the [dev] extra: pip install -e '.[dev]')"
+  skip_step pytest_families 45 "pytest is not installed (only in the [dev] extra: pip install -e '.[dev]')"
 else
   run_step pytest_rehearsal 60 pytest_gpu half_frozen_parts
   run_step pytest_sd14_512 60 pytest_gpu sd14_random
+  run_step pytest_families 45 pytest_gpu families
 fi
 run_step phase_memory 130 python tests/scripts/gpu_phase_memory.py --out "$RESULTS" --rounds 2 --attacks
 run_step memory_estimate 40 memory_estimate
-run_step speed_bf16_gc 70 speed speed_bf16_gc --phases esd,gen
-run_step speed_compile 80 speed_compile
+run_step speed_bf16_gc 60 speed speed_bf16_gc --phases esd,gen
+run_step speed_compile 50 speed_compile
 $DRY_RUN && exit 0
 exit "$FAILED"

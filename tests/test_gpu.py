@@ -1,8 +1,9 @@
 """GPU-only checks (skipped without CUDA; CI has none): `pytest -m gpu`, run by scripts/gpu_check.sh.
 
 What the CPU rehearsal (tests/test_rehearsal*.py) cannot show: real CUDA autocast with fp16 AND bf16
-frozen parts under trainer=gpu, and the full SD 1.4 architecture (`model=sd14-random`, no download)
-at 512 px within the memory a 24 GB card leaves, with the sample grid after the export.
+frozen parts under trainer=gpu, the other families (SD 2.1 v-prediction, SDXL with its fp16-overflowing
+VAE) under CUDA autocast, and the full SD 1.4 architecture (`model=sd14-random`, no download) at 512 px
+within the memory a 24 GB card leaves, with the sample grid after the export.
 """
 
 import json
@@ -43,6 +44,22 @@ def test_trainer_gpu_with_half_frozen_parts(sd14_rehearsal_dir, tmp_path, method
     assert_grids(out)
     if method == "stereo":
         assert_grids(out / "ste" / "round_1", "grid.png")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd21"])
+def test_families_stereo_with_fp16_frozen_parts(family, tmp_path):
+    """`method=stereo model=<family> trainer=gpu` on the tiny same-family folder with fp16 frozen parts under CUDA
+    autocast (the CPU rehearsal can only run bf16): STE rounds, REO, the export loading in the family's own
+    pipeline, and the sample grids (SDXL: its VAE upcasts in fp16)."""
+    from stereo.models.families import save_family_rehearsal
+
+    base = save_family_rehearsal(family, tmp_path / family)
+    out = tmp_path / "run"
+    train(compose([f"model={family}", f"model.pretrained={base}", "model.resolution=64", "model.dtype=fp16",
+                   "trainer=gpu", "budget=rehearsal", "method=stereo", "concept=nudity", f"output_dir={out}"]))
+    assert_export_loads(base, out / "export")
+    assert_grids(out)
+    assert_grids(out / "ste" / "round_1", "grid.png")
 
 
 def test_sd14_random_esd_u_at_512_px_with_trainer_gpu(tmp_path):

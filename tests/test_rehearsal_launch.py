@@ -92,8 +92,8 @@ def test_gpu_check_script_dry_run_lists_every_step():
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     steps = {line.split()[0]: int(line.split()[2].rstrip("s")) for line in proc.stdout.splitlines()}
-    assert list(steps) == ["environment", "pytest_rehearsal", "pytest_sd14_512", "phase_memory", "memory_estimate",
-                           "speed_bf16_gc", "speed_compile"]
+    assert list(steps) == ["environment", "pytest_rehearsal", "pytest_sd14_512", "pytest_families", "phase_memory",
+                           "memory_estimate", "speed_bf16_gc", "speed_compile"]
     assert sum(steps.values()) <= 470  # within 8 minutes, with time left for the summary and the copy
 
 
