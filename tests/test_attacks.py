@@ -20,7 +20,7 @@ from stereo.attacks.base import (
     restart_seed,
     write_attacked,
 )
-from stereo.attacks.inversion import load_token
+from stereo.attacks.learned_token import load_token
 from stereo.attacks.ring_a_bell import concept_vector, default_pairs, encode_texts
 from stereo.attacks.unlearndiffatk import project_to_simplex
 from stereo.evaluation.config import attack_config

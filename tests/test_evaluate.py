@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import stereo.evaluation.cells as cells
-from stereo.attacks.inversion import load_token
+from stereo.attacks.learned_token import load_token
 from stereo.evaluation.config import compose_eval, evaluated_models
 from stereo.evaluation.detectors import Detection, Detector
 from stereo.evaluation.fid import fid_from_features
@@ -300,7 +300,7 @@ def test_erased_unets_load_in_every_format(tmp_path):
 
 
 def test_textual_inversion_files_load_into_the_evaluated_model(tmp_path):
-    from stereo.attacks.inversion import LearnedToken, save_token
+    from stereo.attacks.learned_token import LearnedToken, save_token
 
     path = save_token(LearnedToken("<adv>", torch.randn(2, 64)), tmp_path / "adv.safetensors")
     cfg = make_cfg(tmp_path, f"+models.ti.textual_inversion=[{path}]")

@@ -19,15 +19,8 @@ from stereo.attacks.base import (
     condition_of_ids,
     render,
 )
-from stereo.attacks.inversion import (
-    InversionSettings,
-    LearnedToken,
-    initial_vectors,
-    install_token,
-    learn_token,
-    load_token,
-    save_token,
-)
+from stereo.attacks.inversion import InversionSettings, initial_vectors, learn_token
+from stereo.attacks.learned_token import LearnedToken, install_token, load_token, save_token
 from stereo.attacks.ring_a_bell import concept_vector, default_pairs, encode_texts
 from stereo.attacks.unlearndiffatk import attackable_vocabulary
 from stereo.conditioning import split_pooled

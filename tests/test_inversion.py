@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from stereo.attacks.gallery import concept_gallery, encode_images
-from stereo.attacks.inversion import InversionSettings, learn_token, load_token, save_token, templates_for
+from stereo.attacks.inversion import InversionSettings, learn_token, templates_for
+from stereo.attacks.learned_token import load_token, save_token
 from stereo.evaluation.fid import reference_stats
 from stereo.generation import encode_prompts
 from stereo.models.tiny import tiny_pipeline

@@ -37,7 +37,7 @@ def erased(sd14_rehearsal_dir, tmp_path_factory):
     third-party plain state dict (ESD-u.pt), and an STE-style token file."""
     from diffusers import UNet2DConditionModel
 
-    from stereo.attacks.inversion import LearnedToken, save_token
+    from stereo.attacks.learned_token import LearnedToken, save_token
     from stereo.erasure.subsets import select_trainable
     from stereo.export import export_erased
 

@@ -36,16 +36,8 @@ from stereo.attacks.base import (
     register_attack,
     restart_seed,
 )
-from stereo.attacks.inversion import (
-    InversionSettings,
-    has_token,
-    install_token,
-    learn_token,
-    load_token,
-    random_start,
-    save_token,
-    templates_for,
-)
+from stereo.attacks.inversion import InversionSettings, learn_token, random_start, templates_for
+from stereo.attacks.learned_token import has_token, install_token, load_token, save_token
 from stereo.manifest import write_json_atomic
 from stereo.parallel import is_main, on_main
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from stereo.attacks.inversion import LearnedToken, add_token, has_token, load_token, save_token
+from stereo.attacks.learned_token import LearnedToken, add_token, has_token, load_token, save_token
 from stereo.erasure.context import RunContext
 from stereo.erasure.previews import draw
 from stereo.generation import image_grid
