@@ -19,8 +19,8 @@ from benchmarks.memory.cli import main
 from benchmarks.memory.configs import read_setup
 from benchmarks.memory.phases import Phase, ddp_step, erasure_phase
 from benchmarks.memory.report import estimates_json
-from benchmarks.memory.training import OPT_SECTIONS, trace_erasure
-from stereo.erasure.subsets import subset_parameter_names
+from benchmarks.memory.training import MERGE_SECTIONS, OPT_SECTIONS, trace_erasure, trace_lora_merge
+from stereo.erasure.subsets import make_student, subset_parameter_names
 from stereo.models.tiny import tiny_unet
 
 
@@ -158,3 +158,76 @@ def test_cli_writes_every_phase_as_json(tmp_path):
     phases = json.loads(out.read_text())["phases"]
     assert {"ESD-u, 1 GPU", "STE round 1 erase", "evaluation: generation"} <= set(phases)
     assert all(p["peak_gib"] > 0 for p in phases.values())
+
+
+# --- method.lora.enabled: the student is make_student's (fp32 copy + peft adapter), the teacher that student ---
+@pytest.fixture(scope="module")
+def tiny_lora():
+    setup = read_setup("tiny", overrides=("method.lora.enabled=true", "method.lora.rank=2"))
+    return setup, trace_erasure(setup, conditions=2)
+
+
+def _real_lora_student(setup):
+    """The real code's student, on real (CPU) tensors: make_student on the pipeline's model.dtype UNet."""
+    base = tiny_unet().to(setup.frozen).requires_grad_(False)
+    student, teacher, names = make_student(base, setup.subset, setup.lora)
+    return student, teacher, set(names)
+
+
+def test_lora_settings_are_read_from_the_config(tiny_lora):
+    setup, _ = tiny_lora
+    assert setup.lora_enabled and setup.lora_rank == 2 and setup.subset == "noxattn"
+    assert not read_setup("tiny").lora_enabled
+
+
+def test_lora_resident_weights_grads_and_adamw_match_the_real_student(tiny, tiny_lora):
+    setup, (sections, resident, trainable) = tiny_lora
+    student, teacher, names = _real_lora_student(setup)
+    assert teacher is None  # the real code keeps no teacher UNet with LoRA
+    adapter = [p.numel() for n, p in student.named_parameters() if n in names]
+    base = [p.numel() for n, p in student.named_parameters() if n not in names] + [b.numel() for b in student.buffers()]
+    assert adapter and trainable == _bytes(adapter, 4)
+    assert resident == {  # the pipeline (its UNet: model.dtype) + the fp32 student + its adapter; nothing else
+        "text encoder": resident["text encoder"], "VAE": resident["VAE"],
+        "base UNet": _bytes([p.numel() for p in tiny_unet().parameters()], 2),
+        "student UNet (fp32, frozen base of the adapter)": _bytes(base, 4),
+        "LoRA adapter (rank 2, fp32)": trainable,
+    }
+    step = sections[OPT_SECTIONS["fused"]]
+    assert step.grads == trainable and step.optimizer == 2 * trainable + len(adapter) * memtrace.CUDA_BLOCK
+    assert step.weights == sum(resident.values())
+    assert sections["teacher"].weights == step.weights  # the teacher is the student, adapter disabled
+    full = tiny[1][0][OPT_SECTIONS["fused"]]
+    assert 10 * (step.grads + step.optimizer) < full.grads + full.optimizer  # the adapter's, not the subset's
+
+
+def test_lora_rank_scales_the_adapter_only(tiny_lora):
+    setup, (_, resident, trainable) = tiny_lora
+    wider = read_setup("tiny", overrides=("method.lora.enabled=true", "method.lora.rank=4"))
+    _, wider_resident, wider_trainable = trace_erasure(wider, conditions=2, parts=("teacher",))
+    student, _, names = _real_lora_student(wider)
+    assert wider_trainable == _bytes([p.numel() for n, p in student.named_parameters() if n in names], 4)
+    assert trainable < wider_trainable < 2 * trainable + len(names) * memtrace.CUDA_BLOCK  # linear in the rank
+    assert wider_resident["student UNet (fp32, frozen base of the adapter)"] == \
+        resident["student UNet (fp32, frozen base of the adapter)"]
+
+
+def test_lora_merge_holds_the_student_and_a_new_plain_fp32_unet(tiny_lora):
+    setup, (_, resident, _) = tiny_lora
+    sections, merged = trace_lora_merge(setup)
+    plain = _bytes([p.numel() for p in tiny_unet().parameters()], 4)
+    assert merged["merged plain UNet (fp32)"] == plain
+    erased = sections[MERGE_SECTIONS["erased"]]
+    assert erased.grads == erased.optimizer == 0  # the trainer is closed before frozen(student)
+    assert erased.weights == sum(resident.values()) + plain
+    assert erased.total > erased.weights  # the deltas and merged weights of the targeted layers on top
+
+
+@pytest.mark.slow
+def test_cli_with_lora_reports_the_merge_and_no_teacher_unet(tmp_path):
+    out = tmp_path / "estimate.json"
+    assert main(["--model", "tiny", "--no-write", "--json", str(out), "method.lora.enabled=true"]) == 0
+    phases = json.loads(out.read_text())["phases"]
+    assert "STE round 1 end: adapter folded in (frozen → merged_unet)" in phases
+    assert not any("before" in name for name in phases)
+    assert all("teacher" not in k for k in phases["ESD-u, 1 GPU"]["resident_bytes"])

@@ -27,6 +27,13 @@ parameters), the accelerator keeping every round's UNet and AdamW state, DDP buc
   python -m benchmarks.memory --model tiny --out /tmp/m    # the same phases on the tiny model (tests)
   python -m benchmarks.memory --model sdxl-random          # SDXL's real shapes, 1024 px (sd21-random: 2.1, 768 px)
   python -m benchmarks.memory --model sdxl-random method.subset=xattn   # config overrides -> memory_sdxl-random_<...>
+  python -m benchmarks.memory --model sdxl-random method.lora.enabled=true method.lora.rank=64   # LoRA (below)
+
+With method.lora.enabled=true the student is the real `make_student`'s (fp32 copy + peft adapter on the
+subset's layers; the teacher is that student with its adapter disabled, no teacher UNet), and the phases
+follow what the LoRA code keeps: STE rounds end by folding the adapter into a new plain fp32 UNet
+(`merged_unet`, traced), which the attack then uses without gradient checkpointing; ESD and REO end with the
+export and sample copies (merged_unet, frozen_copy). No "before" rows with LoRA.
 """
 
 from __future__ import annotations

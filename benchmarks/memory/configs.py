@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -136,10 +137,20 @@ class Setup:
     rab_prompt_batch: int
     generation_batch: int
     teacher_autocast: bool = False  # the plan: the bf16 teacher runs outside autocast
+    lora_enabled: bool = False  # method.lora.*: an adapter on the subset's layers instead of the layers themselves
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_dropout: float = 0.0
 
     @property
     def frozen(self) -> torch.dtype:
         return torch_dtype(self.frozen_dtype)
+
+    @property
+    def lora(self) -> SimpleNamespace:
+        """method.lora as `make_student` reads it."""
+        return SimpleNamespace(enabled=self.lora_enabled, rank=self.lora_rank, alpha=self.lora_alpha,
+                               dropout=self.lora_dropout)
 
 
 def read_setup(model: str, concept: str = "nudity", overrides: tuple[str, ...] = ()) -> Setup:
@@ -147,7 +158,7 @@ def read_setup(model: str, concept: str = "nudity", overrides: tuple[str, ...] =
                    "model.dtype=bf16", *overrides])
     evaluation = compose_eval([f"attack=[{','.join(ATTACKS)}]"])  # each attack's budget as evaluate.py reads it
     attack = evaluation.attacks
-    ste, reo = cfg.method.ste, cfg.method.reo
+    ste, reo, lora = cfg.method.ste, cfg.method.reo, cfg.method.lora
     return Setup(
         model=model, resolution=cfg.model.resolution, frozen_dtype=cfg.model.dtype, batch=cfg.trainer.batch_size,
         gradient_checkpointing=cfg.trainer.gradient_checkpointing, subset=erased_subset(cfg),
@@ -158,7 +169,8 @@ def read_setup(model: str, concept: str = "nudity", overrides: tuple[str, ...] =
         uda_prompt_batch=attack["unlearndiffatk"].prompt_batch,
         uda_prefix_tokens=attack["unlearndiffatk"].prefix_tokens,
         rab_population=attack["ring_a_bell"].population, rab_prompt_batch=attack["ring_a_bell"].prompt_batch,
-        generation_batch=evaluation.generation.batch_size,
+        generation_batch=evaluation.generation.batch_size, lora_enabled=bool(lora.enabled), lora_rank=int(lora.rank),
+        lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
     )
 
 

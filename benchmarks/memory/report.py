@@ -114,8 +114,8 @@ autocast's bf16 copies of trainable weights). "peak in" names the part of the st
 
 ## Peak of each part of the step (GiB, everything resident included)
 
-{sections_table([p for p in phases if p.bar_gib or "before" in p.name])}
-
+{sections_table([p for p in phases if _detailed(p, setup)])}
+{_lora_notes(setup)}
 ## Settings (from the configs: model={setup.model} trainer=gpu method=stereo concept=nudity)
 
 {_settings(setup)}
@@ -137,7 +137,34 @@ autocast's bf16 copies of trainable weights). "peak in" names the part of the st
   the gallery) add those bytes to the traced step: exact, since they are there at every instant.
 - Not counted: the CUDA context, cuDNN/cuBLAS workspaces, the allocator's fragmentation (compare
   with torch.cuda.max_memory_reserved on a card), sample grids during training (`sample_every`),
-  detectors / CLIP / Inception during evaluation, LoRA runs.
+  detectors / CLIP / Inception during evaluation.
+"""
+
+
+def _detailed(phase: Phase, setup: Setup) -> bool:
+    """Rows of the per-part table: those with a bar or a "before", and with LoRA, ESD and the STE rounds 0-1."""
+    lora = setup.lora_enabled and phase.name.startswith(("ESD-u, 1 GPU", "STE round 0", "STE round 1", "REO"))
+    return bool(phase.bar_gib) or "before" in phase.name or lora
+
+
+def _lora_notes(setup: Setup) -> str:
+    if not setup.lora_enabled:
+        return ""
+    return f"""
+## LoRA (method.lora.enabled=true, rank {setup.lora_rank}, `{setup.subset}`): what the real code keeps
+
+- Every erasure (ESD, STE erase, REO): the pipeline (text encoder, VAE, its UNet in {setup.frozen_dtype}) + the
+  fp32 student built by the real `make_student` (deepcopy + `.float()` + peft `add_adapter` on the subset's
+  layers) + the adapter's grads and AdamW state. No teacher UNet: the teacher is the student with its adapter
+  disabled, run with fp32 weights under autocast (`ErasureTrainer._teacher_eps`), traced as such.
+- STE: each round ends with `frozen(student)` → `merged_unet`, which builds a NEW plain fp32 UNet while the
+  student, every targeted layer's delta and merged weight are alive ("end: adapter folded in" rows, traced with
+  the real function). The attack runs on that plain UNet, which has no gradient checkpointing. Rounds k >= 1
+  keep round k-1's plain fp32 UNet (the STE loop's `unet`) beside the student copied from it.
+- ESD and REO end with the export (merged_unet) and sample grids (`frozen_copy`: merge + a {setup.frozen_dtype}
+  copy). Sample grids DURING training (`trainer.sample_every`) make the same merge with AdamW alive: not counted.
+- Evaluation rows do not depend on LoRA (the evaluated model is the exported plain UNet).
+- No "before" rows: they describe the accelerator / AdamW behaviour fixed in issue 11.
 """
 
 
@@ -147,7 +174,10 @@ def _settings(setup: Setup) -> str:
         f"- frozen parts (text encoder, VAE, base UNet, teachers, erased UNets): {s.frozen_dtype}; "
         f"student UNet fp32 with `{s.subset}` trainable; bf16 autocast; gradient checkpointing "
         f"{s.gradient_checkpointing}; batch {s.batch} latents per process",
-        f"- teacher forward {'inside' if s.teacher_autocast else 'outside'} autocast (frozen in {s.frozen_dtype})",
+        (f"- method.lora.enabled: a rank-{s.lora_rank} adapter (fp32) on the `{s.subset}` layers of make_student's "
+         "fp32 copy; the teacher is that student with its adapter disabled (fp32 weights, inside autocast); "
+         "no teacher UNet" if s.lora_enabled else
+         f"- teacher forward {'inside' if s.teacher_autocast else 'outside'} autocast (frozen in {s.frozen_dtype})"),
         f"- STEREO: {s.rounds} rounds, {s.concept_prompts} concept prompt(s), each round erases all found so far; "
         f"STE gallery {s.gallery_size} latents on the GPU; inversion batch {s.inversion_batch}; "
         f"REO {s.anchors_per_step} anchor(s) per step",

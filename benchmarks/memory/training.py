@@ -1,15 +1,22 @@
 """One erasure step traced: the x_t chain, the teacher, the student's forward and backward, AdamW;
-optionally with DDP's gradient buckets."""
+optionally with DDP's gradient buckets. With method.lora.enabled the student is built by the real
+`make_student` (a fp32 copy of the pipeline's UNet + a peft adapter on the subset's layers), the teacher
+is that student with its adapter disabled (fp32 weights under autocast, `ErasureTrainer._teacher_eps`),
+and `trace_lora_merge` traces folding the adapter in (`stereo.generation.frozen` / `frozen_copy`)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.memory.configs import Setup
-from benchmarks.memory.memtrace import round_up
+from benchmarks.memory.memtrace import round_up, storage_bytes
 from benchmarks.memory.trace import Adam, Breakdown, Trace, timesteps
-from stereo.erasure.subsets import select_trainable
+from stereo.erasure.subsets import make_student, select_trainable
+from stereo.erasure.trainer import adapters_disabled
+from stereo.generation import frozen, frozen_copy
 
 OPT_SECTIONS = {"fused": "AdamW step (fused)", "foreach": "AdamW step (foreach)"}
 
@@ -26,11 +33,9 @@ def trace_erasure(setup: Setup, conditions: int, ddp: str | None = None,
     """
     b, s = setup.batch, setup
     with Trace(setup) as tr:
-        text_encoder, _, teacher = tr.pipeline()
+        text_encoder, _, base = tr.pipeline()
         width = text_encoder.config.hidden_size
-        student = tr.module("student UNet (fp32)", tr.unet_fn, torch.float32, frozen=False)
-        names = set(select_trainable(student, s.subset))
-        params = [p for n, p in student.named_parameters() if n in names]
+        student, teacher, params = traced_student(tr, s, base)
         if s.gradient_checkpointing:
             student.enable_gradient_checkpointing(gradient_checkpointing_func=tr.cuda.checkpoint)
         adamw = Adam(params)
@@ -48,11 +53,16 @@ def trace_erasure(setup: Setup, conditions: int, ddp: str | None = None,
                 del eps
         target = torch.empty_like(x)
         if "teacher" in parts:
-            with tr.tracker.section("teacher"), torch.no_grad(), tr.cuda.autocast(s.teacher_autocast):
+            # a frozen half-precision teacher runs outside autocast; the LoRA student's fp32 base, under it
+            lora = teacher is None
+            dtype, model = (torch.float32, student) if lora else (s.frozen, teacher)
+            base_only = adapters_disabled(student) if lora else contextlib.nullcontext()
+            with (tr.tracker.section("teacher"), torch.no_grad(), base_only,
+                  tr.cuda.autocast(lora or s.teacher_autocast)):
                 del target
                 emb = tr.embeddings(conditions * b, width)
-                eps = teacher(x.repeat(conditions, 1, 1, 1).to(s.frozen), t.repeat(conditions),
-                              encoder_hidden_states=emb.to(s.frozen)).sample.float().view(conditions, b, *x.shape[1:])
+                eps = model(x.repeat(conditions, 1, 1, 1).to(dtype), t.repeat(conditions),
+                            encoder_hidden_states=emb.to(dtype)).sample.float().view(conditions, b, *x.shape[1:])
                 target = eps[0] - (eps[1:] - eps[0]).mean(0)  # ESD / REO: uncond and condition differences
                 del eps, emb
         if "student forward+backward" in parts:
@@ -71,6 +81,61 @@ def trace_erasure(setup: Setup, conditions: int, ddp: str | None = None,
         sections = {name: tr.breakdown(name, grads, adamw.tensors(), buckets) for name in tr.tracker.sections}
         trainable = sum(round_up(p.numel() * 4) for p in params)
         return sections, dict(tr.resident), trainable
+
+
+def traced_student(tr: Trace, setup: Setup, base) -> tuple[torch.nn.Module, object, list[torch.Tensor]]:
+    """(student, teacher, trainable parameters) as the real code makes them from the pipeline's UNet `base`.
+
+    Full fine-tuning: a fp32 UNet with the subset unfrozen, taught by `base`. LoRA: the real
+    `make_student` (deepcopy + .float() + peft's add_adapter on the subset's layers), teacher None.
+    """
+    if not setup.lora_enabled:
+        student = tr.module("student UNet (fp32)", tr.unet_fn, torch.float32, frozen=False)
+        names = set(select_trainable(student, setup.subset))
+        return student, base, [p for n, p in student.named_parameters() if n in names]
+    student, teacher, names = make_student(base, setup.subset, setup.lora)
+    assert teacher is None, "make_student with LoRA returns no teacher"
+    names = set(names)
+    params = [p for n, p in student.named_parameters() if n in names]
+    adapter = storage_bytes(params)
+    tr.resident["student UNet (fp32, frozen base of the adapter)"] = storage_bytes(
+        [t for t in (*student.parameters(), *student.buffers()) if not any(t is p for p in params)])
+    tr.resident[f"LoRA adapter (rank {setup.lora_rank}, fp32)"] = adapter
+    tr.modules.append(student)
+    return student, None, params
+
+
+MERGE_SECTIONS = {"erased": "fold the adapter in: frozen(student)",
+                  "copy": "fold in + model.dtype copy: frozen_copy(student)"}
+
+
+def trace_lora_merge(setup: Setup) -> tuple[dict[str, Breakdown], dict]:
+    """Folding a trained LoRA adapter into a plain UNet (`stereo.export.merged_unet`, the real code):
+    `frozen(student)` ends every STE erase (the erased UNet the attack and the next round use, fp32);
+    `frozen_copy(student, model.dtype)` makes REO's sample / generation copy. The trainer is closed
+    by then (AdamW state and grads released): the pipeline and the LoRA student are resident."""
+    if not setup.lora_enabled:
+        raise ValueError("trace_lora_merge needs method.lora.enabled=true")
+    with Trace(setup) as tr:
+        _, _, base = tr.pipeline()
+        student, _, _ = traced_student(tr, setup, base)
+        student.eval()
+        tr.tracker.reset_peak()
+        sections = {}
+        with tr.tracker.section(MERGE_SECTIONS["erased"]):
+            plain = frozen(student)
+        resident = {**tr.resident, "merged plain UNet (fp32)": storage_bytes([*plain.parameters(), *plain.buffers()])}
+        tr.modules.append(plain)  # the merged UNet counts as weights at the peak (it is there at the end)
+        sections[MERGE_SECTIONS["erased"]] = tr.breakdown(MERGE_SECTIONS["erased"])
+        tr.modules.remove(plain)
+        del plain
+        with tr.tracker.section(MERGE_SECTIONS["copy"]):
+            copy = frozen_copy(student, setup.frozen, "meta")
+        tr.modules.append(copy)
+        sections[MERGE_SECTIONS["copy"]] = tr.breakdown(MERGE_SECTIONS["copy"])
+        tr.modules.remove(copy)
+        del copy
+        return sections, resident
 
 
 def _buckets(params: list[torch.Tensor], cap_bytes: int = 25 * 2**20) -> list[torch.Tensor]:
