@@ -85,7 +85,7 @@ def test_offline_and_not_cached_says_what_and_how_to_provide_it(hub, monkeypatch
         fetch(HubSource("OPTML-Group/AdvUnlearn", subfolder="nudity_unlearned", revision="abc123"))
     message = str(error.value)
     for part in ("OPTML-Group/AdvUnlearn/nudity_unlearned (revision abc123)", "HF_HUB_OFFLINE is set",
-                 "huggingface-cli download OPTML-Group/AdvUnlearn --include 'nudity_unlearned/*' --revision abc123 "
+                 "hf download OPTML-Group/AdvUnlearn --include 'nudity_unlearned/*' --revision abc123 "
                  "--local-dir DIR", "give the local folder DIR instead of the hub id"):
         assert part in message
     assert hub.requests == []
@@ -100,7 +100,7 @@ def test_an_unreachable_hub_fails_fast_with_the_same_advice(monkeypatch, tmp_pat
 def test_a_local_copy_stands_in_for_the_repo(tmp_path):
     (tmp_path / "copy" / "te").mkdir(parents=True)
     (tmp_path / "copy" / "te" / "model.safetensors").write_bytes(b"w")
-    (tmp_path / "copy" / ".cache").mkdir()  # what `huggingface-cli download --local-dir` leaves: not hashed
+    (tmp_path / "copy" / ".cache").mkdir()  # what `hf download --local-dir` leaves: not hashed
     (tmp_path / "copy" / ".cache" / "x").write_bytes(b"metadata")
     folder = fetch(HubSource(str(tmp_path / "copy"), subfolder="te"))
     assert folder.path == tmp_path / "copy" / "te" and folder.record["commit"] is None

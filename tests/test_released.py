@@ -99,7 +99,7 @@ def test_offline_a_released_model_names_repo_folder_and_the_download_command(tmp
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     cfg = eval_cfg(tmp_path, "+models.x.released=advunlearn-nudity")
     with pytest.raises(ModelLoadError, match=r"OPTML-Group/AdvUnlearn/nudity_unlearned \(revision main\) is not in "
-                                             r"the local HF cache .*huggingface-cli download OPTML-Group/AdvUnlearn "
+                                             r"the local HF cache .*hf download OPTML-Group/AdvUnlearn "
                                              r"--include 'nudity_unlearned/\*' --local-dir DIR"):
         load_evaluated(cfg.base, evaluated_models(cfg)["x"], "cpu")
 

@@ -8,7 +8,7 @@ provenance record (repo, file, requested revision, resolved commit, path, sha256
   `allow_patterns`. The HF cache is tried first, without network; `revision` pins a branch, tag or commit
   (unset: `main`, and the commit it resolved to is recorded). `HF_ENDPOINT` picks the server.
 - `repo` a local file: used as it is; a local folder: `repo/subfolder/filename` (so the folder made by
-  `huggingface-cli download ... --local-dir DIR` works with the same `subfolder`/`filename`).
+  `hf download ... --local-dir DIR` works with the same `subfolder`/`filename`).
 
 The sha256 of what was loaded is always computed (a folder's: over its files' relative paths and
 digests, `sha256_of`); an expected `sha256` that differs raises. Offline or unreachable and not cached:
@@ -156,7 +156,7 @@ def _from_hub(source: HubSource) -> Path:
 def _how_to_provide(source: HubSource) -> str:
     include = f" --include '{source.path_in_repo}{'' if source.filename else '/*'}'" if source.path_in_repo else ""
     revision = f" --revision {source.revision}" if source.revision else ""
-    return (f"Download it where there is network (`huggingface-cli download {source.repo}{include}{revision} "
+    return (f"Download it where there is network (`hf download {source.repo}{include}{revision} "
             "--local-dir DIR`) and give the local folder DIR instead of the hub id (same subfolder/filename), "
             "or copy a populated HF cache and point HF_HOME at it.")
 
