@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from stereo.models.loading import ModelLoadError, load_unet_weights, read_state_dict
+from stereo.models.loading import load_matching, load_unet_weights, read_state_dict
 from stereo.models.released import COMPONENTS
 
 TEXT_ENCODER_PREFIXES = ("module.", "text_encoder.", "cond_stage_model.transformer.")
@@ -35,17 +35,8 @@ def load_text_encoder_weights(text_encoder: torch.nn.Module, path: str | Path) -
     state = _match_text_model_prefix(state, own)
     # position_ids is a buffer older transformers saved and newer ones rebuild: never a weight
     state = {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
-    unexpected = sorted(set(state) - set(own))
-    missing = sorted(set(own) - set(state)) if complete else []
-    shapes = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
-    if unexpected or missing or shapes or not state:
-        raise ModelLoadError(
-            f"{path} does not match this text encoder: {len(unexpected)} unexpected keys {unexpected[:5]}, "
-            f"{len(missing)} missing keys {missing[:5]}, {len(shapes)} shape mismatches {shapes[:5]}"
-            f"{', no tensors at all' if not state else ''}. Is it a CLIPTextModel of the base model's text tower?"
-        )
-    text_encoder.load_state_dict(state, strict=False)
-    return sorted(state)
+    return load_matching(text_encoder, state, complete, path, "text encoder",
+                         "Is it a CLIPTextModel of the base model's text tower?", require_tensors=True)
 
 
 def _match_text_model_prefix(state: dict, own: dict) -> dict:

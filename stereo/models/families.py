@@ -34,10 +34,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection
 
 from stereo.models.rehearsal import sd14_rehearsal_pipeline
-from stereo.models.tiny import BOS_ID, EOS_ID, TOKENIZER_DIR
+from stereo.models.tiny import load_clip_tokenizer, tiny_text_config
 
 FAMILIES = ("sd15", "sd21", "sd21-base", "sdxl")
 RESOLUTION = 64  # pixels of every family's rehearsal; latents are 8x8 (8x downsampling, as the real VAEs)
@@ -77,23 +77,6 @@ def scheduler_from(config: dict):
     """The published scheduler config as its own class builds it."""
     cls = _SCHEDULERS[config["_class_name"]]
     return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-
-
-def load_family_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """The package's truncated CLIP tokenizer (stereo.models.tiny) with the family's pad token.
-
-    SD 1.x and SDXL's first tokenizer pad with <|endoftext|>; SD 2.x and SDXL's tokenizer_2 with "!".
-    """
-    return CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"),
-                         model_max_length=77, pad_token=pad_token)
-
-
-def _text_config(hidden: int, act: str, pad_id: int, projection_dim: int | None = None) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=8192, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, hidden_act=act, projection_dim=projection_dim or hidden,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=pad_id,
-    )
 
 
 def _tiny_vae(scaling_factor: float, force_upcast: bool = True) -> AutoencoderKL:
@@ -144,11 +127,11 @@ def tiny_sd2_pipeline(seed: int = 0, prediction_type: str = "v_prediction") -> S
     v_pred = prediction_type == "v_prediction"
     torch.manual_seed(seed)
     vae = _tiny_vae(0.18215, force_upcast=True)
-    text_encoder = CLIPTextModel(_text_config(32, "gelu", pad_id=EXCLAMATION_ID))
+    text_encoder = CLIPTextModel(tiny_text_config(32, act="gelu", pad_id=EXCLAMATION_ID))
     unet = sd2_unet(cross_attention_dim=32, upcast_attention=v_pred)
     scheduler = scheduler_from(SD21_SCHEDULER_CONFIG if v_pred else SD21_BASE_SCHEDULER_CONFIG)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=load_family_tokenizer("!"), unet=unet, scheduler=scheduler,
+        vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer("!"), unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32},
                                                                   crop_size={"height": 32, "width": 32}),
         requires_safety_checker=False,
@@ -180,13 +163,13 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     projection 64), cross-attention 96 wide, added conditioning 64 + 6 * 8, Euler as published, VAE 0.13025."""
     torch.manual_seed(seed)
     vae = _tiny_vae(0.13025, force_upcast=True)
-    text_encoder = CLIPTextModel(_text_config(SDXL_D1, "quick_gelu", pad_id=EOS_ID))
+    text_encoder = CLIPTextModel(tiny_text_config(SDXL_D1))
     text_encoder_2 = CLIPTextModelWithProjection(
-        _text_config(SDXL_D2, "gelu", pad_id=EXCLAMATION_ID, projection_dim=SDXL_D_POOL))
+        tiny_text_config(SDXL_D2, act="gelu", pad_id=EXCLAMATION_ID, projection_dim=SDXL_D_POOL))
     unet = sdxl_unet()
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=load_family_tokenizer(),
-        tokenizer_2=load_family_tokenizer("!"), unet=unet, scheduler=scheduler_from(SDXL_SCHEDULER_CONFIG),
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=load_clip_tokenizer(),
+        tokenizer_2=load_clip_tokenizer("!"), unet=unet, scheduler=scheduler_from(SDXL_SCHEDULER_CONFIG),
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
 

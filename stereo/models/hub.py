@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from stereo.manifest import sha256_file
-from stereo.models.loading import ModelLoadError
+from stereo.models.loading import ModelLoadError, hub_reachable, looks_like_path
 
 
 @dataclass(frozen=True)
@@ -55,12 +53,13 @@ def fetch(source: HubSource) -> Fetched:
     local = Path(source.repo).expanduser()
     if local.exists():
         path, commit = _local_path(local, source), None
-    elif _looks_local(source.repo):
+    elif looks_like_path(source.repo):
         raise ModelLoadError(f"{source.repo} does not exist; give a local file or folder, or a hub id 'org/name'")
     else:
         path = _from_hub(source)
         commit = _snapshot_commit(path)
-    digest = sha256_of(path)
+    files = _folder_digests(path) if path.is_dir() else None
+    digest = sha256_file(path) if files is None else _digest_of_folder(files)
     if source.sha256 and digest != source.sha256.lower():
         raise ModelLoadError(
             f"sha256 mismatch for {_describe(source)}: expected {source.sha256}, got {digest} ({path}). The file "
@@ -69,8 +68,8 @@ def fetch(source: HubSource) -> Fetched:
         )
     record = {"repo": source.repo, "file": source.path_in_repo or None, "revision": source.revision,
               "commit": commit, "path": str(path), "sha256": digest}
-    if path.is_dir():
-        record["files"] = _folder_digests(path)
+    if files is not None:
+        record["files"] = files
     return Fetched(path, record)
 
 
@@ -79,7 +78,11 @@ def sha256_of(path: str | Path) -> str:
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
-    lines = "".join(f"{name} {digest}\n" for name, digest in _folder_digests(path).items())
+    return _digest_of_folder(_folder_digests(path))
+
+
+def _digest_of_folder(files: dict[str, str]) -> str:
+    lines = "".join(f"{name} {digest}\n" for name, digest in files.items())
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
@@ -90,10 +93,6 @@ def _folder_digests(folder: Path) -> dict[str, str]:
 
 def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)  # .cache/ of --local-dir, .gitattributes
-
-
-def _looks_local(repo: str) -> bool:
-    return repo.startswith(("/", ".", "~")) or repo.count("/") != 1
 
 
 def _local_path(root: Path, source: HubSource) -> Path:
@@ -138,7 +137,7 @@ def _from_hub(source: HubSource) -> Path:
         return _download(source, local_files_only=True)
     except (OSError, ValueError, HfHubHTTPError):
         pass
-    if constants.is_offline_mode() or not _endpoint_reachable():
+    if constants.is_offline_mode() or not hub_reachable():
         why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the Hugging Face Hub is unreachable"
         raise ModelLoadError(f"{_describe(source)} is not in the local HF cache and {why}. {_how_to_provide(source)}")
     try:
@@ -159,16 +158,6 @@ def _how_to_provide(source: HubSource) -> str:
     return (f"Download it where there is network (`hf download {source.repo}{include}{revision} "
             "--local-dir DIR`) and give the local folder DIR instead of the hub id (same subfolder/filename), "
             "or copy a populated HF cache and point HF_HOME at it.")
-
-
-def _endpoint_reachable(timeout: float = 3.0) -> bool:
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _snapshot_commit(path: Path) -> str | None:

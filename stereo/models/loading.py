@@ -34,7 +34,6 @@ from stereo.models import assemble_pipeline
 from stereo.models.families import (
     SD21_SCHEDULER_CONFIG,
     SDXL_SCHEDULER_CONFIG,
-    load_family_tokenizer,
     scheduler_from,
 )
 from stereo.models.tiny import load_clip_tokenizer, sd_scheduler, tiny_pipeline
@@ -112,7 +111,7 @@ def load_pretrained(
         return _from_local_folder(path, dtype, kind)
     if path.is_file():
         return _from_single_file(path, dtype, single_file_config, kind)
-    if source.startswith(("/", ".", "~")) or source.count("/") != 1:
+    if looks_like_path(source):
         raise ModelLoadError(
             f"model path {source!r} does not exist and is not a hub id of the form 'org/name'. "
             "Give a local diffusers folder, a .safetensors/.ckpt file, or a hub id such as "
@@ -179,11 +178,17 @@ def _from_single_file(path: Path, dtype: torch.dtype, config_dir: str | None, ki
         raise ModelLoadError(f"could not load the single-file checkpoint {path} as {cls.__name__}: {err}") from err
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
+def looks_like_path(source: str) -> bool:
+    """True when `source` cannot be a hub id "org/name" (so a missing `source` is a missing local path)."""
+    return source.startswith(("/", ".", "~")) or source.count("/") != 1
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint (`HF_ENDPOINT`, default huggingface.co) accepts a connection."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -191,13 +196,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _from_hub(repo_id: str, revision: str | None, dtype: torch.dtype, kind: str) -> Pipeline:
     try:  # a populated HF cache needs no network
-        cls = pipeline_class(DiffusionPipeline.load_config(repo_id, revision=revision, local_files_only=True),
-                             repo_id, kind)
-        return cls.from_pretrained(repo_id, revision=revision, local_files_only=True, **_pipeline_kwargs(cls, dtype))
+        return _hub_pipeline(repo_id, revision, dtype, kind, local_files_only=True)
     except (OSError, ValueError):
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline or not _hub_reachable():
+    if offline or not hub_reachable():
         cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
         local = f"/path/{repo_id.split('/')[1]}"
@@ -207,10 +210,15 @@ def _from_hub(repo_id: str, revision: str | None, dtype: torch.dtype, kind: str)
             f"model.pretrained={local}, or copy a populated HF cache and set HF_HOME to it."
         )
     try:
-        cls = pipeline_class(DiffusionPipeline.load_config(repo_id, revision=revision), repo_id, kind)
-        return cls.from_pretrained(repo_id, revision=revision, **_pipeline_kwargs(cls, dtype))
+        return _hub_pipeline(repo_id, revision, dtype, kind)
     except OSError as err:
         raise ModelLoadError(f"could not download {repo_id} (revision {revision or 'main'}): {err}") from err
+
+
+def _hub_pipeline(repo_id: str, revision: str | None, dtype: torch.dtype, kind: str, **download) -> Pipeline:
+    """The pipeline of a hub repo as its model_index.json's class (checked against `kind`)."""
+    cls = pipeline_class(DiffusionPipeline.load_config(repo_id, revision=revision, **download), repo_id, kind)
+    return cls.from_pretrained(repo_id, revision=revision, **download, **_pipeline_kwargs(cls, dtype))
 
 
 def _toy_pipeline_dir() -> Path:
@@ -249,7 +257,7 @@ def sd21_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     text_encoder = CLIPTextModel(CLIPTextConfig(**read_config("text_encoder.json", SD21_CONFIGS)))
     with torch.device("cpu"):  # the scheduler's tables stay real when the models are built on meta
         scheduler = scheduler_from(SD21_SCHEDULER_CONFIG)
-    return assemble_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_family_tokenizer("!"), unet=unet,
+    return assemble_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer("!"), unet=unet,
                              scheduler=scheduler)
 
 
@@ -268,8 +276,8 @@ def sdxl_random_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     with torch.device("cpu"):  # the scheduler's tables stay real when the models are built on meta
         scheduler = scheduler_from(SDXL_SCHEDULER_CONFIG)
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=load_family_tokenizer(),
-        tokenizer_2=load_family_tokenizer("!"), unet=unet, scheduler=scheduler,
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=load_clip_tokenizer(),
+        tokenizer_2=load_clip_tokenizer("!"), unet=unet, scheduler=scheduler,
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
 
@@ -354,15 +362,24 @@ def load_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> list[str]
     error that lists a few of them, so a checkpoint of another architecture cannot load silently.
     """
     state, complete = read_unet_state_dict(path)
-    own = unet.state_dict()
+    return load_matching(unet, state, complete, path, "UNet", "Is it a diffusers-format UNet of the same architecture?")
+
+
+def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], complete: bool, path, what: str,
+                  hint: str, *, require_tensors: bool = False) -> list[str]:
+    """Load a checkpoint's tensors into `module` after checking they are its own: unknown names, missing names
+    (for a `complete` checkpoint), shape mismatches (and, with `require_tensors`, no tensors at all) raise an
+    error that lists a few of them and ends with `hint`. Returns the names loaded."""
+    own = module.state_dict()
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state)) if complete else []
     shapes = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
-    if unexpected or missing or shapes:
+    empty = require_tensors and not state
+    if unexpected or missing or shapes or empty:
         raise ModelLoadError(
-            f"{path} does not match this UNet: {len(unexpected)} unexpected keys {unexpected[:5]}, "
-            f"{len(missing)} missing keys {missing[:5]}, {len(shapes)} shape mismatches {shapes[:5]}. "
-            "Is it a diffusers-format UNet of the same architecture?"
+            f"{path} does not match this {what}: {len(unexpected)} unexpected keys {unexpected[:5]}, "
+            f"{len(missing)} missing keys {missing[:5]}, {len(shapes)} shape mismatches {shapes[:5]}"
+            f"{', no tensors at all' if empty else ''}. {hint}"
         )
-    unet.load_state_dict(state, strict=False)
+    module.load_state_dict(state, strict=False)
     return sorted(state)

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModel
 
 from stereo.models import assemble_pipeline
-from stereo.models.tiny import BOS_ID, EOS_ID, load_clip_tokenizer
+from stereo.models.tiny import BOS_ID, EOS_ID, load_clip_tokenizer, tiny_text_config
 
 RESOLUTION = 64  # pixels; latents are 8x8 (the VAE downsamples 8x, as SD's)
 
@@ -69,11 +69,7 @@ def rehearsal_vae() -> AutoencoderKL:
 
 def rehearsal_text_encoder() -> CLIPTextModel:
     """CLIP ViT-L/14's text tower (quick_gelu, 77 positions) at width 32, 2 layers, the truncated vocabulary."""
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID, pad_token_id=EOS_ID,
-    ))
+    return CLIPTextModel(tiny_text_config(hidden=32))
 
 
 def rehearsal_safety_checker() -> StableDiffusionSafetyChecker:

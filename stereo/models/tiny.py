@@ -17,10 +17,11 @@ TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 BOS_ID, EOS_ID = 8190, 8191  # <|startoftext|>, <|endoftext|> in the truncated vocabulary
 
 
-def load_clip_tokenizer() -> CLIPTokenizer:
-    """The truncated CLIP tokenizer shipped with the package (77 tokens, pad = <|endoftext|>)."""
+def load_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The truncated CLIP tokenizer shipped with the package (77 tokens), padding with `pad_token`:
+    <|endoftext|> as SD 1.x and SDXL's first tokenizer, "!" as SD 2.x and SDXL's tokenizer_2."""
     return CLIPTokenizer(
-        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77
+        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77, pad_token=pad_token
     )
 
 
@@ -32,13 +33,19 @@ def sd_scheduler() -> DDIMScheduler:
     )
 
 
-def tiny_text_encoder(hidden: int = 64, layers: int = 2) -> CLIPTextModel:
-    config = CLIPTextConfig(
+def tiny_text_config(hidden: int = 64, layers: int = 2, act: str = "quick_gelu", pad_id: int = EOS_ID,
+                     projection_dim: int | None = None) -> CLIPTextConfig:
+    """A CLIP text tower over the truncated vocabulary: 77 positions, 2 heads, MLP 2 x `hidden` wide; `act` "quick_gelu"
+    as CLIP ViT-L/14 (SD 1.x, SDXL's first tower), "gelu" as OpenCLIP (SD 2.x, SDXL's second)."""
+    return CLIPTextConfig(
         vocab_size=8192, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        pad_token_id=EOS_ID, projection_dim=hidden,
+        num_attention_heads=2, max_position_embeddings=77, hidden_act=act, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        pad_token_id=pad_id, projection_dim=projection_dim or hidden,
     )
-    return CLIPTextModel(config)
+
+
+def tiny_text_encoder(hidden: int = 64, layers: int = 2) -> CLIPTextModel:
+    return CLIPTextModel(tiny_text_config(hidden, layers))
 
 
 def tiny_unet(cross_attention_dim: int = 64, sample_size: int = 16) -> UNet2DConditionModel:
