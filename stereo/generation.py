@@ -11,7 +11,6 @@ from accelerate.utils import extract_model_from_parallel
 from PIL import Image
 
 from stereo import conditioning
-from stereo.conditioning import encode_ids, prompt_ids  # noqa: F401  (re-exported: the toy and attacks import them here)
 from stereo.export import cast_copy, merged_unet
 
 

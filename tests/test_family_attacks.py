@@ -23,10 +23,10 @@ from stereo.attacks.inversion import InversionSettings, initial_vectors, learn_t
 from stereo.attacks.learned_token import LearnedToken, install_token, load_token, save_token
 from stereo.attacks.ring_a_bell import concept_vector, default_pairs, encode_texts
 from stereo.attacks.unlearndiffatk import attackable_vocabulary
-from stereo.conditioning import split_pooled
+from stereo.conditioning import prompt_ids, split_pooled
 from stereo.evaluation.config import attack_config
 from stereo.evaluation.detectors import Detection
-from stereo.generation import encode_prompts, prompt_ids
+from stereo.generation import encode_prompts
 from stereo.models.families import SDXL_D1, SDXL_D2, SDXL_D_POOL, tiny_sd2_pipeline, tiny_sdxl_pipeline
 
 GALLERY = dict(steps=2, gallery_size=2, gallery_steps=2)

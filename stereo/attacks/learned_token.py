@@ -55,6 +55,11 @@ def token_widths(pipe) -> tuple[int, ...]:
     return widths if len(widths) > 1 else ()
 
 
+def tower_pieces(pipe, vectors: torch.Tensor) -> list[torch.Tensor]:
+    """Vectors (n, D) of a token of `pipe`, split into the slice each text tower reads."""
+    return LearnedToken("", vectors, widths=token_widths(pipe)).per_tower()
+
+
 def check_widths(pipe, learned: LearnedToken) -> None:
     """A token fits a pipeline when it has one slice per text tower, each as wide as that tower's table."""
     want, have = tower_widths(pipe), tuple(v.shape[-1] for v in learned.per_tower())
@@ -83,7 +88,7 @@ def token_ids(pipe, token: str, num_vectors: int) -> list[list[int]]:
 
 def write_token_rows(pipe, ids: list[list[int]], vectors: torch.Tensor) -> None:
     """Rows `ids[i]` of tower i's token-embedding table become its slice of `vectors` (n, D), in the table's dtype."""
-    pieces = LearnedToken("", vectors, widths=token_widths(pipe)).per_tower()
+    pieces = tower_pieces(pipe, vectors)
     with torch.no_grad():
         for (_, encoder), tower_ids, piece in zip(text_towers(pipe), ids, pieces):
             table = encoder.get_input_embeddings().weight
@@ -113,7 +118,7 @@ def injected(pipe, ids: list[list[int]], vectors: torch.Tensor, precision: Preci
     With a `precision` (the first tower's; each tower casts to its own), the looked-up embeddings of a
     forward that autocasts become fp32, so the gradient reaching the vectors is never held in half precision.
     """
-    pieces = LearnedToken("", vectors, widths=token_widths(pipe)).per_tower()
+    pieces = tower_pieces(pipe, vectors)
     handles = []
     for (_, encoder), tower_ids, piece in zip(text_towers(pipe), ids, pieces):
         tower_precision = None if precision is None else Precision.of(encoder)
@@ -161,7 +166,8 @@ def save_token(learned: LearnedToken, path: str | Path) -> Path:
 
 def load_token(path: str | Path, token: str | None = None) -> LearnedToken:
     """A textual-inversion file of `save_token` (or diffusers' formats): one tensor {token: vectors}, or an SDXL
-    pair {"clip_l", "clip_g"}, named by the file's metadata (else `token`, else "<file stem>")."""
+    pair {"clip_l", "clip_g"}. Its name: `token` when given, else the file's (SD: its key; SDXL: the metadata's,
+    else "<file stem>")."""
     state = load_file(str(path))
     if set(state) == set(SDXL_KEYS):
         with safe_open(str(path), "pt") as handle:

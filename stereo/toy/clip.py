@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from stereo.generation import prompt_ids
+from stereo.conditioning import prompt_ids
 from stereo.models.tiny import BOS_ID, EOS_ID, load_clip_tokenizer
 from stereo.toy.detector import PAIRS, to_tensor
 from stereo.toy.fit import one_cycle_fit

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTextModel
 
-from stereo.generation import encode_ids
+from stereo.conditioning import encode_ids
 from stereo.models import assemble_pipeline
 from stereo.models.tiny import load_clip_tokenizer, sd_scheduler
 from stereo.toy.clip import tokenize

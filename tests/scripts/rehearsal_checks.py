@@ -154,10 +154,9 @@ def assert_token_loads(base_dir: Path, token_file: Path) -> str:
     pipe = base_pipeline(base_dir)
     state = load_file(str(token_file))
     if hasattr(pipe, "text_encoder_2"):  # SDXL: diffusers' two-tower file, loaded tower by tower
-        from safetensors import safe_open
+        from stereo.attacks.learned_token import load_token
 
-        with safe_open(str(token_file), "pt") as f:
-            token = (f.metadata() or {}).get("token") or token_file.stem
+        token = load_token(token_file).token  # the name is in the file's metadata
         pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
                                     tokenizer=pipe.tokenizer)
         pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
