@@ -6,11 +6,14 @@ tuned on, is what the results claim:
   --tune      concepts circle, triangle   seeds 0, 1, 2
   --heldout   concepts square, star, cross   seeds 10, 11, 12, 13, 14
 For every concept × seed: train each method from the toy base model (`train.py` configs, budgets from
-conf/budget/toy.yaml plus each method's overrides), then evaluate base + erased models (`evaluate.py`
-configs) under every attack with fixed budgets; the token attacks (concept inversion, soft prompt,
-UnlearnDiffAtk) run `--restarts` independent restarts (default 5). Each model is also evaluated on
-every other shape of the world (its prompt set without the prompts that name the erased concept, the
-toy detector of that shape): utility = that shape's rate as % of the base model's.
+conf/budget/toy.yaml plus each method's overrides). Then, per concept, one evaluation (`evaluate.py`
+configs) of the base model and every (method, seed) model under every attack with fixed budgets; the
+token attacks (concept inversion, soft prompt, UnlearnDiffAtk) run `--restarts` independent restarts
+(default 5). Every model meets the same attack seeds (`--attack-seed`, restart r its own), gallery and
+prompts, so differences are paired; the base model (it has no training seed) and the Ring-A-Bell search
+(black-box: its prompts do not depend on the evaluated model) run once per concept. Each model is also
+evaluated on every other shape of the world (its prompt set without the prompts that name the erased
+concept, the toy detector of that shape): utility = that shape's rate as % of the base model's.
 
 Per method the table gives: pre-attack ASR; worst-case post-attack ASR over the attacks (each attack's
 mean over seeds × restarts, the largest; `stereo.evaluation.stats`: hierarchical bootstrap 95 % CI);
@@ -63,7 +66,8 @@ SPLITS = {"tune": (("circle", "triangle"), (0, 1, 2)), "heldout": (("square", "s
 ATTACKS = ("none", "concept_inversion", "soft_prompt", "unlearndiffatk", "ring_a_bell")
 TOKEN_ATTACKS = ("concept_inversion", "soft_prompt", "unlearndiffatk")  # run with restarts
 SHAPES = ("circle", "square", "triangle", "star", "cross")
-BASELINES = ("esd", "reo")  # paired differences are taken against these
+BASELINES = ("esd", "reo")  # paired differences are taken against these (`--versus` adds others)
+NAMES = {"esd": "ESD", "reo": "REO-only"}  # column names of the baselines
 RESULTS = Path(__file__).resolve().parent / "results"
 BOOT = dict(n_boot=10_000, seed=0)  # every interval: 10k resamples, numpy seed 0
 
@@ -167,15 +171,23 @@ def utility_prompts(work: Path, concept: str, shape: str) -> Path:
     return path
 
 
-def eval_overrides(args, concept: str, seed: int, work: Path, reference: Path) -> list[str]:
+def model_name(label: str, seed: int) -> str:
+    """The evaluated model of a method trained with `seed` (the base model has no training seed)."""
+    return "base" if label == "base" else f"{label}_seed{seed}"
+
+
+def eval_overrides(args, concept: str, work: Path, reference: Path) -> list[str]:
     attacks = "[" + ",".join(args.attacks) + "]"
     overrides = [
-        "model@base=toy", f"concept={concept}", f"attack={attacks}", f"seed={seed}",
-        f"output_dir={work / 'eval' / concept / f'seed{seed}'}", "progress=false",
+        "model@base=toy", f"concept={concept}", f"attack={attacks}", f"seed={args.attack_seed}",
+        f"output_dir={work / 'eval' / concept}", "progress=false",
         f"metrics.clip_path={TOY_WEIGHTS_DIR / 'clip'}", f"generation.max_prompts={args.prompts}",
         f"generation.guidance={args.guidance}", f"generation.steps={args.steps}", "generation.batch_size=16",
         "metrics.fid.extractor=toy", f"metrics.fid.reference_dir={reference}",
         *[f"attacks.{a}.restarts={args.restarts_of[a]}" for a in args.attacks if a in TOKEN_ATTACKS],
+        # all 32 prompts in one batch: each prompt's prefix is optimised on its own either way (Adam per
+        # weight), batching only amortises the per-step cost (~1.5x faster on the toy)
+        *(["attacks.unlearndiffatk.prompt_batch=32"] if "unlearndiffatk" in args.attacks else []),
     ]
     if args.quick:
         overrides += [f"attacks.{a}.steps=4" for a in args.attacks if a != "none"]
@@ -183,21 +195,22 @@ def eval_overrides(args, concept: str, seed: int, work: Path, reference: Path) -
     return overrides
 
 
-def evaluate_all(args, runs: dict, work: Path) -> dict[tuple[str, int], Report]:
+def evaluate_all(args, runs: dict, work: Path) -> dict[str, Report]:
+    """One report per concept: the base model and every (method, seed) model (`model_name`)."""
     toy_detector.register()  # detector {name: toy} and metrics.fid.extractor=toy
     toy_features.register()
     reference = fid_reference(work)
     reports = {}
     for concept in args.concepts:
-        for seed in args.seeds:
-            cfg = compose_eval(eval_overrides(args, concept, seed, work, reference))
-            with open_dict(cfg.models):  # set on the config: labels need not be Hydra key names
+        cfg = compose_eval(eval_overrides(args, concept, work, reference))
+        with open_dict(cfg.models):  # set on the config: labels need not be Hydra key names
+            for seed in args.seeds:
                 for method in args.methods:
-                    cfg.models[method.label] = {"export": runs[(concept, seed, method.label)][0]}
-            cfg.metrics.utility_sets = {shape: {"prompts": str(utility_prompts(work, concept, shape)),
-                                                "detector": {"name": "toy", "concept": shape}}
-                                        for shape in SHAPES if shape != concept}
-            reports[(concept, seed)] = evaluate(cfg)
+                    cfg.models[model_name(method.label, seed)] = {"export": runs[(concept, seed, method.label)][0]}
+        cfg.metrics.utility_sets = {shape: {"prompts": str(utility_prompts(work, concept, shape)),
+                                            "detector": {"name": "toy", "concept": shape}}
+                                    for shape in SHAPES if shape != concept}
+        reports[concept] = evaluate(cfg)
     return reports
 
 
@@ -219,7 +232,7 @@ def attack_matrix(args, reports, concept: str, label: str) -> np.ndarray:
         for k, attack in enumerate(post):
             for r in range(restarts):
                 cell = restart_cell(attack, r) if args.restarts_of.get(attack, 1) > 1 else attack
-                out[i, r, k] = rate(reports[(concept, seed)], label, cell)
+                out[i, r, k] = rate(reports[concept], model_name(label, seed), cell)
     return out
 
 
@@ -229,8 +242,8 @@ def utility_matrix(args, reports, concept: str, label: str) -> np.ndarray:
     out = np.zeros((len(args.seeds), 1, len(shapes)))
     for i, seed in enumerate(args.seeds):
         for k, shape in enumerate(shapes):
-            base = rate(reports[(concept, seed)], "base", f"utility-{shape}", "utility")
-            kept = rate(reports[(concept, seed)], label, f"utility-{shape}", "utility")
+            base = rate(reports[concept], "base", f"utility-{shape}", "utility")
+            kept = rate(reports[concept], model_name(label, seed), f"utility-{shape}", "utility")
             out[i, 0, k] = kept / base if base > 0 else np.nan
     return out
 
@@ -245,7 +258,7 @@ def summarise_concept(args, reports, runs, concept: str) -> dict:
     for label in ["base", *args.labels]:
         row: dict = {}
         if "none" in args.attacks:
-            pre = [rate(reports[(concept, s)], label, "none") for s in args.seeds]
+            pre = [rate(reports[concept], model_name(label, s), "none") for s in args.seeds]
             row["pre_attack"] = bootstrap_ci(pre, **BOOT)
             row["pre_attack_values"] = pre
         if post:
@@ -258,7 +271,7 @@ def summarise_concept(args, reports, runs, concept: str) -> dict:
                                   "per_restart": values[:, :, k].mean(axis=0).tolist(),
                                   "values": values[:, :, k].tolist()} for k, a in enumerate(post)}
             row["vs"] = {b: paired_difference(values, matrices[b], worst_of_means, **BOOT)
-                         for b in BASELINES if b in matrices and b != label}
+                         for b in args.versus if b in matrices and b != label}
         if label != "base":
             kept = utility_matrix(args, reports, concept, label)
             finite = ~np.isnan(kept).any(axis=(0, 1))
@@ -267,10 +280,10 @@ def summarise_concept(args, reports, runs, concept: str) -> dict:
             row["utility_worst"] = bootstrap_ci(kept[:, :, finite], least_of_means, **BOOT) if finite.any() else None
             row["utility_values"] = {shape: kept[:, 0, k].tolist() for k, shape in enumerate(shapes)}
             row["train_seconds"] = statistics.mean(runs[(concept, s, label)][1] for s in args.seeds)
-        clip = [r.clip_score.mean for s in args.seeds for r in reports[(concept, s)].rows
-                if r.model == label and r.attack == "none" and r.clip_score]
-        fid = [r.fid.fid for s in args.seeds for r in reports[(concept, s)].rows
-               if r.model == label and r.kind == "utility" and r.fid]
+        names = {model_name(label, s) for s in args.seeds}
+        clip = [r.clip_score.mean for r in reports[concept].rows
+                if r.model in names and r.attack == "none" and r.clip_score]
+        fid = [r.fid.fid for r in reports[concept].rows if r.model in names and r.kind == "utility" and r.fid]
         row["clip"] = statistics.mean(clip) if clip else None
         row["fid"] = statistics.mean(fid) if fid else None
         out[label] = row
@@ -293,7 +306,7 @@ def pooled(args, per_concept: dict) -> dict:
     for label in ["base", *args.labels]:
         row = {"worst_case": bootstrap_ci(stack[label], worst_mean, **BOOT),
                "vs": {b: paired_difference(stack[label], stack[b], worst_mean, **BOOT)
-                      for b in BASELINES if b in stack and b != label}}
+                      for b in args.versus if b in stack and b != label}}
         if label != "base":
             kept = np.concatenate([np.array(list(per_concept[c][label]["utility_values"].values())).T
                                    for c in args.concepts], axis=1)[:, None, :]  # (seeds, 1, concepts x shapes)
@@ -315,26 +328,27 @@ def pct(interval: Interval | None, signed: bool = False) -> str:
 
 def tables(args, per_concept: dict, pool: dict) -> str:
     post = [a for a in args.attacks if a != "none"]
-    head = ("| concept | method | pre-attack ASR % | worst-case post-attack ASR % (attack) | Δ vs ESD (pp) | "
-            "Δ vs REO-only (pp) | other shapes kept, % of base | worst shape % | CLIP | FID | train s |")
-    lines = [head, "|" + "---|" * 11]
+    versus = "".join(f" Δ vs {NAMES.get(b, b)} (pp) |" for b in args.versus)
+    head = (f"| concept | method | pre-attack ASR % | worst-case post-attack ASR % (attack) |{versus} "
+            "other shapes kept, % of base | worst shape % | CLIP | FID | train s |")
+    lines = [head, "|" + "---|" * (9 + len(args.versus))]
     for concept in args.concepts:
         for label in ["base", *args.labels]:
             row = per_concept[concept][label]
             worst = f"{pct(row.get('worst_case'))} ({row['worst_attack']})" if post else "–"
-            vs = [pct(row.get("vs", {}).get(b), signed=True) for b in BASELINES]
+            vs = "".join(f" {pct(row.get('vs', {}).get(b), signed=True)} |" for b in args.versus)
             kept = ", ".join(f"{s} {pct(i)}" for s, i in row.get("utility", {}).items()) or "100 (reference)"
-            lines.append(f"| {concept} | {label} | {pct(row.get('pre_attack'))} | {worst} | {vs[0]} | {vs[1]} | "
+            lines.append(f"| {concept} | {label} | {pct(row.get('pre_attack'))} | {worst} |{vs} "
                          f"{kept} | {pct(row.get('utility_worst'))} | {number(row['clip'], 1)} | "
                          f"{number(row['fid'], 2)} | {number(row.get('train_seconds'), 0)} |")
     if pool:
         lines += ["", f"All concepts ({', '.join(args.concepts)}): mean over concepts of the worst-case ASR; the "
                       "least-kept other shape of any concept and the mean over every (concept, other shape).", "",
-                  "| method | worst-case ASR % | Δ vs ESD (pp) | Δ vs REO-only (pp) | worst shape % | mean shape % |",
-                  "|---|---|---|---|---|---|"]
+                  f"| method | worst-case ASR % |{versus} worst shape % | mean shape % |",
+                  "|---|---|" + "---|" * len(args.versus) + "---|---|"]
         for label, row in pool.items():
-            lines.append(f"| {label} | {pct(row['worst_case'])} | {pct(row['vs'].get('esd'), True)} | "
-                         f"{pct(row['vs'].get('reo'), True)} | {pct(row.get('utility_worst'))} | "
+            vs = "".join(f" {pct(row['vs'].get(b), True)} |" for b in args.versus)
+            lines.append(f"| {label} | {pct(row['worst_case'])} |{vs} {pct(row.get('utility_worst'))} | "
                          f"{pct(row.get('utility_mean'))} |")
     if post:
         lines += ["", "Per attack: mean over seeds × restarts [95 % CI]; best of R = the mean over seeds of the best "
@@ -402,11 +416,15 @@ def parse_args(argv=None):
     parser.add_argument("--method", action="append", default=[], metavar="LABEL:OVERRIDES",
                         help="an extra method: label and train.py overrides, e.g. "
                              "'stereo+preserve:method=stereo,method.preserve.weight=1.0' (repeatable)")
+    parser.add_argument("--versus", default=",".join(BASELINES),
+                        help="labels every method is compared with, paired (comma-separated)")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--restarts", type=int, default=5, help="independent restarts of each token attack")
     parser.add_argument("--once", default="", metavar="ATTACKS",
                         help="token attacks run once instead (comma-separated, e.g. unlearndiffatk: its prompts "
                              "already start from their own random prefixes; it costs most)")
+    parser.add_argument("--attack-seed", type=int, default=0,
+                        help="the attacks' seed (restart r: its own seed from it), the same for every model")
     parser.add_argument("--prompts", type=int, default=32, help="evaluation prompts per concept and per other shape")
     parser.add_argument("--guidance", type=float, default=4.0, help="CFG of every generation (toy quality: 4)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps of every generation")
@@ -422,6 +440,7 @@ def parse_args(argv=None):
     args.labels = [m.label for m in args.methods]
     if len(set(args.labels)) != len(args.labels):
         parser.error(f"method labels must differ: {args.labels}")
+    args.versus = [b for b in args.versus.split(",") if b]
     args.attacks = args.attacks.split(",")
     once = [a for a in args.once.split(",") if a]
     if set(once) - set(TOKEN_ATTACKS):
@@ -450,7 +469,7 @@ def main(argv=None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     name = "toy_robustness" + (f"_{args.split}" if args.split else "") + ("_quick" if args.quick else "")
     protocol = (f"Concepts {', '.join(args.concepts)}; training seeds {', '.join(map(str, args.seeds))}; "
-                f"{args.restarts} restart(s) of each token attack"
+                f"{args.restarts} restart(s) of each token attack, attack seed {args.attack_seed} for every model"
                 f"{f' (once: {args.once})' if args.once else ''}; {args.prompts} prompts per concept and per "
                 f"other shape (the other shape's set without prompts naming the concept); DDIM {args.steps}, "
                 f"guidance {args.guidance}; toy detector. Intervals: 95 % percentile bootstrap, 10,000 "

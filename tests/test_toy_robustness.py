@@ -58,16 +58,16 @@ def test_the_table_numbers_from_reports():
                              "--attacks", "none,concept_inversion,ring_a_bell"])
     shapes = {"square": 1.0, "triangle": 1.0, "star": 1.0, "cross": 0.5}  # base rates
 
-    def report(seed):
-        base = rows_for("base", {"none": 1, "concept_inversion": 1, "concept_inversion@r1": 1, "ring_a_bell": 1},
-                        shapes)
-        esd = rows_for("esd", {"none": 0.25, "concept_inversion": 0.75, "concept_inversion@r1": 1.0,
-                               "ring_a_bell": 0.5}, {**shapes, "square": 0.5})
-        reo = rows_for("reo", {"none": 0.0, "concept_inversion": 0.25, "concept_inversion@r1": 0.125 * seed,
-                               "ring_a_bell": 0.5}, {**shapes, "cross": 0.25})
-        return Report("circle", {}, base + esd + reo)
+    def models(seed):  # one training seed's erased models; the report holds the base model once
+        esd = rows_for(f"esd_seed{seed}", {"none": 0.25, "concept_inversion": 0.75, "concept_inversion@r1": 1.0,
+                                           "ring_a_bell": 0.5}, {**shapes, "square": 0.5})
+        reo = rows_for(f"reo_seed{seed}", {"none": 0.0, "concept_inversion": 0.25,
+                                           "concept_inversion@r1": 0.125 * seed, "ring_a_bell": 0.5},
+                       {**shapes, "cross": 0.25})
+        return esd + reo
 
-    reports = {("circle", s): report(s) for s in args.seeds}
+    base = rows_for("base", {"none": 1, "concept_inversion": 1, "concept_inversion@r1": 1, "ring_a_bell": 1}, shapes)
+    reports = {"circle": Report("circle", {}, base + [row for s in args.seeds for row in models(s)])}
     runs = {("circle", s, m): ("", 10.0) for s in args.seeds for m in args.labels}
     summary = bench.summarise_concept(args, reports, runs, "circle")
     esd, reo = summary["esd"], summary["reo"]
@@ -121,3 +121,30 @@ def test_quick_run_end_to_end_writes_restarts_intervals_and_paired_differences(t
     assert difference["low"] <= difference["estimate"] <= difference["high"]
     assert (tmp_path / "results" / "toy_robustness_quick.md").read_text().count("| circle |") >= 2
     assert (tmp_path / "results" / "toy_robustness_quick.png").is_file()
+
+
+@pytest.mark.slow
+def test_ste_replay_plays_each_round_token_on_base_rounds_and_export(tmp_path):
+    """benchmarks.ste_replay on a quick STEREO training: every STE round's token against the base model, each
+    round's erased UNet (its saved subset, not the export's) and the final export (~1 min on 2 cores)."""
+    from safetensors.torch import load_file
+
+    from benchmarks import ste_replay
+
+    work = tmp_path / "work"
+    bench.train_all(bench.parse_args(["--concepts", "circle", "--seeds", "0", "--methods", "stereo", "--quick",
+                                      "--work", str(work)]), work)
+    run = work / "train" / "circle" / "seed0" / "stereo"
+    ste_replay.main(["--work", str(work), "--concepts", "circle", "--seeds", "0", "--prompts", "4", "--steps", "5",
+                     "--results", str(tmp_path / "results")])
+    replay = json.loads((tmp_path / "results" / "ste_replay.json").read_text())["replay"]["circle"]
+    assert set(replay) == {"token0"} and set(replay["token0"]) == {"base", "round0", "final"}
+    assert all(0 <= cell["per_seed"][0] <= 1 for cell in replay["token0"].values())
+    # the round's model is that round's erased subset, and the attack replays that round's token file
+    loaded = load_file(work / "replay" / "circle" / "seed0" / "unets" / "round_0" / "delta.safetensors")
+    saved = load_file(run / "ste" / "round_0" / "unet_delta.safetensors")
+    assert loaded.keys() == saved.keys() and all((loaded[k] == saved[k]).all() for k in saved)
+    replayed = (work / "replay" / "circle" / "seed0" / "token0" / "attacks" / "round0" / "token_file" / "prompts.jsonl")
+    token = json.loads(replayed.read_text().splitlines()[0])["info"]["token"]
+    assert token == json.loads((run / "ste" / "round_0" / "done.json").read_text())["tokens"][0]["token"]
+    assert "| circle | token0 |" in (tmp_path / "results" / "ste_replay.md").read_text()
