@@ -159,15 +159,16 @@ def utility_prompts(work: Path, concept: str, shape: str) -> Path:
     """`shape`'s prompt set without the prompts that also name `concept` (seeds kept): a prompt asking for
     both would measure the erasure and the shape at once."""
     import csv
+    import io
 
     records = [r for r in load_prompt_set(shape).records if concept not in r.prompt.split()]
     path = work / "prompts" / f"{shape}_without_{concept}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["prompt", "evaluation_seed", "evaluation_guidance", "categories"])
-        for r in records:
-            writer.writerow([r.prompt, r.seed, "" if r.guidance is None else r.guidance, ", ".join(r.categories)])
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["prompt", "evaluation_seed", "evaluation_guidance", "categories"])
+    for r in records:
+        writer.writerow([r.prompt, r.seed, "" if r.guidance is None else r.guidance, ", ".join(r.categories)])
+    write_text_atomic(path, text.getvalue())  # atomic: processes sharing --work read it while another writes
     return path
 
 
