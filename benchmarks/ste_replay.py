@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     concepts, seeds = args.concepts.split(","), [int(s) for s in args.seeds.split(",")]
     if set(concepts) - set(SHAPES):
         parser.error(f"concepts {concepts}: toy shapes are {SHAPES}")
-    began, work = time.perf_counter(), Path(args.work)
+    began, work = time.perf_counter(), Path(args.work).resolve()  # a cell records its token file's path: spell it one way
     toy_detector.register()
     values = {c: {s: replay(args, work, c, s, args.label) for s in seeds} for c in concepts}
     lines = ["| concept | token | " + " | ".join(values[concepts[0]][seeds[0]]["token0"]) + " |"]
