@@ -34,14 +34,8 @@ from stereo.evaluation.config import compose_eval
 from stereo.evaluation.runner import evaluate
 from stereo.evaluation.stats import bootstrap_ci
 from stereo.manifest import build_manifest, write_json_atomic, write_text_atomic
-from stereo.recipes.ste_rounds import DONE
+from stereo.recipes.ste_rounds import DONE, finished_rounds
 from stereo.toy import detector as toy_detector
-
-
-def round_dirs(run: Path) -> list[Path]:
-    """The finished STE rounds of a trained run, in order."""
-    rounds = sorted((run / "ste").glob("round_*"), key=lambda p: int(p.name.split("_")[1]))
-    return [r for r in rounds if (r / DONE).is_file()]
 
 
 def round_export(work: Path, round_dir: Path, concept: str, seed: int) -> Path:
@@ -58,7 +52,7 @@ def replay(args, work: Path, concept: str, seed: int, label: str) -> dict[str, d
     """{token round: {model: ASR}} for one trained STEREO run."""
     run = work / "train" / concept / f"seed{seed}" / label
     record = json.loads((run / "benchmark_run.json").read_text())
-    rounds = round_dirs(run)
+    rounds = finished_rounds(run / "ste")
     if not rounds:
         raise FileNotFoundError(f"{run}: no finished STE round (ste/round_k/{DONE}); is {label!r} a STEREO run?")
     out: dict[str, dict[str, float]] = {}

@@ -105,12 +105,17 @@ def _load_round_tokens(pipe, round_dir: Path) -> list[AdversarialToken]:
     return tokens
 
 
-def load_ste_tokens(pipe, ste_dir: str | Path) -> list[AdversarialToken]:
-    """The tokens of a finished STE folder (`<run>/ste` or the run folder itself), added to the pipeline."""
+def finished_rounds(ste_dir: str | Path) -> list[Path]:
+    """The finished round folders of an STE folder (`<run>/ste` or the run folder itself), in round order."""
     root = Path(ste_dir)
     root = root / "ste" if (root / "ste").is_dir() else root
     rounds = sorted(root.glob("round_*"), key=lambda p: int(p.name.split("_")[1]))
-    finished = [r for r in rounds if is_finished(r)]
+    return [r for r in rounds if is_finished(r)]
+
+
+def load_ste_tokens(pipe, ste_dir: str | Path) -> list[AdversarialToken]:
+    """The tokens of a finished STE folder (`<run>/ste` or the run folder itself), added to the pipeline."""
+    finished = finished_rounds(ste_dir)
     if not finished:
-        raise FileNotFoundError(f"no finished STE round (round_*/{DONE}) under {root}; run method.stage=ste first")
+        raise FileNotFoundError(f"no finished STE round (round_*/{DONE}) under {ste_dir}; run method.stage=ste first")
     return [token for round_dir in finished for token in _load_round_tokens(pipe, round_dir)]
