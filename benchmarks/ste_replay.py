@@ -60,7 +60,8 @@ def replay(args, work: Path, concept: str, seed: int, label: str) -> dict[str, d
         done = json.loads((token_round / DONE).read_text())
         token_file = token_round / done["tokens"][0]["file"]
         cfg = compose_eval([
-            "model@base=toy", f"concept={concept}", "attack=[token_file]", f"attacks.token_file.token_file={token_file}",
+            "model@base=toy", f"concept={concept}", "attack=[token_file]",
+            f"attacks.token_file.token_file={token_file}",
             f"seed={seed}", f"output_dir={work / 'replay' / concept / f'seed{seed}' / f'token{k}'}", "progress=false",
             f"generation.max_prompts={args.prompts}", f"generation.guidance={args.guidance}",
             f"generation.steps={args.steps}", "generation.batch_size=16", "metrics.clip_path=null",
@@ -88,7 +89,8 @@ def main(argv=None) -> None:
     concepts, seeds = args.concepts.split(","), [int(s) for s in args.seeds.split(",")]
     if set(concepts) - set(SHAPES):
         parser.error(f"concepts {concepts}: toy shapes are {SHAPES}")
-    began, work = time.perf_counter(), Path(args.work).resolve()  # a cell records its token file's path: spell it one way
+    # resolved: a cell records its token file's path, which must be spelled the same way on every run
+    began, work = time.perf_counter(), Path(args.work).resolve()
     toy_detector.register()
     values = {c: {s: replay(args, work, c, s, args.label) for s in seeds} for c in concepts}
     lines = ["| concept | token | " + " | ".join(values[concepts[0]][seeds[0]]["token0"]) + " |"]
@@ -100,8 +102,8 @@ def main(argv=None) -> None:
             for model in values[c][seeds[0]][token]:
                 per_seed = [values[c][s][token][model] for s in seeds]
                 interval = bootstrap_ci(np.array(per_seed)[:, None], n_boot=10_000, seed=0).scaled(100)
-                summary.setdefault(c, {}).setdefault(token, {})[model] = {"per_seed": per_seed, "mean": interval.estimate,
-                                                                          "low": interval.low, "high": interval.high}
+                summary.setdefault(c, {}).setdefault(token, {})[model] = {
+                    "per_seed": per_seed, "mean": interval.estimate, "low": interval.low, "high": interval.high}
                 cells.append(f"{interval.estimate:.1f} [{interval.low:.1f}, {interval.high:.1f}] "
                              f"({' / '.join(f'{100 * v:.0f}' for v in per_seed)})")
             lines.append(f"| {c} | {token} | " + " | ".join(cells) + " |")
