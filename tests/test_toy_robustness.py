@@ -94,6 +94,14 @@ def test_the_table_numbers_from_reports():
     assert pool["esd"]["vs"]["reo"].estimate == pytest.approx(0.375)
     assert pool["reo"]["utility_worst"].estimate == 0.5 and pool["reo"]["utility_mean"].estimate == pytest.approx(7 / 8)
     assert "| esd | 87.5 [" in bench.tables(args, {"circle": summary, "triangle": summary}, pool)
+    # --versus: the paired differences and their columns follow the chosen labels (here REO-only alone)
+    versus = bench.parse_args(["--concepts", "circle", "--seeds", "0,1", "--restarts", "2", "--methods", "esd,reo",
+                               "--attacks", "none,concept_inversion,ring_a_bell", "--versus", "reo"])
+    only_reo = bench.summarise_concept(versus, reports, runs, "circle")
+    assert set(only_reo["esd"]["vs"]) == {"reo"} and only_reo["reo"]["vs"] == {}
+    assert only_reo["esd"]["vs"]["reo"].estimate == pytest.approx(0.375)
+    head = bench.tables(versus, {"circle": only_reo}, {}).splitlines()[0]
+    assert "Δ vs REO-only (pp)" in head and "Δ vs ESD" not in head
 
 
 @pytest.mark.slow
