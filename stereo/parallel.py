@@ -37,6 +37,17 @@ def make_accelerator(cpu: bool, timeout_minutes: int, handlers: list | None = No
     return Accelerator(cpu=cpu, kwargs_handlers=[*(handlers or []), timeout], **kwargs)
 
 
+def release(accelerator) -> None:
+    """End a run's accelerator: its trackers, its process group (a gloo group left to the interpreter's exit
+    can abort a finished process: "terminate called without an active exception") and accelerate's
+    process-wide state, so the next run in this process (a --multirun sweep, a notebook, a test) starts
+    afresh and may choose its own mixed precision."""
+    from accelerate.state import AcceleratorState
+
+    accelerator.end_training()
+    AcceleratorState._reset_state()
+
+
 def rank_and_world(accelerator) -> tuple[int, int]:
     """(this process's index, number of processes); (0, 1) without an accelerator."""
     if accelerator is None:

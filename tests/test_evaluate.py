@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import open_dict
 from PIL import Image
 
 import stereo.evaluation.cells as cells
@@ -135,6 +136,34 @@ def test_one_black_box_search_serves_every_model(two_by_two):
     assert searched == 1
     assert (out / "attacks/base/ring_a_bell/prompts.jsonl").read_text() == \
         (out / "attacks/erased/ring_a_bell/prompts.jsonl").read_text()
+
+
+def count_searches(cfg) -> int:
+    """How often Ring-A-Bell searched during `run(cfg)`."""
+    from stereo.attacks.ring_a_bell import RingABell
+
+    searched, search = [], RingABell.search
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RingABell, "search", lambda self, *a: searched.append(1) or search(self, *a))
+        run(cfg)
+    return len(searched)
+
+
+def test_a_later_run_reuses_the_black_box_prompts_on_disk_until_the_budget_changes(two_by_two, tmp_path):
+    """Another model evaluated later in the same output_dir (a new process: nothing in memory) reads
+    Ring-A-Bell's prompts from disk; a different budget searches anew and keeps its own file."""
+    cfg, _, out = finished_copy(two_by_two, tmp_path)
+    with open_dict(cfg):
+        cfg.models.later = copy.deepcopy(cfg.models.erased)
+    assert count_searches(cfg) == 0
+    assert (out / "attacks/later/ring_a_bell/prompts.jsonl").read_text() == \
+        (out / "attacks/base/ring_a_bell/prompts.jsonl").read_text()
+    cfg, _, out = finished_copy(two_by_two, tmp_path / "new_budget")
+    for name in ("cells", "images", "attacks"):  # only the black-box file is left of the finished run
+        shutil.rmtree(out / name)
+    cfg.attacks.ring_a_bell.steps = 3
+    assert count_searches(cfg) == 1  # a new search, shared by base and erased, kept beside the old one
+    assert len(list((out / "black_box" / "ring_a_bell").glob("*.jsonl"))) == 2
 
 
 def result_times(out: Path) -> dict[Path, int]:

@@ -208,6 +208,8 @@ extractor = MeanColour()
 reference_stats(reference_images(out / f"reference{rank}"), extractor, out / "fid_cache", accelerator=state)
 report["fid_seen"] = extractor.seen
 (out / f"rank{rank}.json").write_text(json.dumps(report))
+dist.barrier()
+dist.destroy_process_group()  # a gloo group left to the interpreter's exit can abort the process
 '''
 
 

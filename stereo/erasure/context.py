@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 
@@ -67,10 +66,8 @@ class RunContext:
         self.close()
 
     def close(self) -> None:
-        """End the trackers and release accelerate's process-wide state (it fixes mixed precision at first
-        use), so the next run in this process (a --multirun sweep, a notebook, a test) may choose its own."""
-        self.accelerator.end_training()
-        AcceleratorState._reset_state()
+        """End the trackers, the process group and accelerate's process-wide state (`parallel.release`)."""
+        parallel.release(self.accelerator)
 
     def from_main_process(self, fetch):
         """`fetch()` run by the main process alone and its result given to every process (`on_main`).

@@ -11,6 +11,7 @@ disk and the attacked prompts are gathered to the main process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from stereo.attacks.base import (
     EvalPrompt,
     GenerationSettings,
     build_attack,
+    read_attacked,
     render,
     write_attacked,
 )
@@ -38,6 +40,7 @@ from stereo.evaluation.detectors import detector_settings as merged_detector_set
 from stereo.evaluation.inputs import container, eval_prompts, folder_images, make_detector, the_concept
 from stereo.evaluation.layout import Cell, check_resumable
 from stereo.generation import open_rgb
+from stereo.manifest import write_text_atomic
 from stereo.parallel import main_process_value, make_accelerator
 
 log = logging.getLogger(__name__)
@@ -137,7 +140,7 @@ class Evaluation:
                               self.accelerator, restart)
         start = time.perf_counter()
         attack.prepare(target)  # on every process: galleries are sharded, inversions data-parallel
-        attacked = self.attack_prompts(attack, target, cell.attack, pending)
+        attacked = self.attack_prompts(attack, target, cell.attack, pending, settings["attack"])
         attack_seconds = (time.perf_counter() - start) / max(len(pending), 1)
         self.save_attacked(target.out_dir, attacked)
         self.detect_and_save(cell, attacked, lambda batch: render(pipe, batch, self.generation), detector,
@@ -171,18 +174,37 @@ class Evaluation:
                 cell.save_result(item, image, float(score), bool(flag), seconds + extra_seconds)
 
     # --- attacked prompts -------------------------------------------------------------------------
-    def attack_prompts(self, attack, target: AttackTarget, name: str,
-                       prompts: list[EvalPrompt]) -> list[AttackedPrompt]:
+    def attack_prompts(self, attack, target: AttackTarget, name: str, prompts: list[EvalPrompt],
+                       budget: dict | None = None) -> list[AttackedPrompt]:
         """`attack.attack(target, prompts)`, with black-box results shared by every model: a black-box
         attack reads only the base model's public text encoder, so its prompts do not depend on the
-        evaluated model, and one search serves them all (Ring-A-Bell's search is the costly part)."""
+        evaluated model, and one search serves them all (Ring-A-Bell's search is the costly part). The
+        results are also kept on disk (`black_box_file`), so a later run with the same base model, attack
+        budget and prompts (another model, another process on the same output_dir) reuses them."""
         if attack.white_box:
             return attack.attack(target, prompts) if prompts else []
-        found = self.black_box_prompts.setdefault(name, {})
-        todo = [p for p in prompts if p.index not in found]
-        for item in attack.attack(target, todo) if todo else []:
-            found[item.index] = item
+        path = self.black_box_file(name, budget or {})
+        found = self.black_box_prompts.get(name)
+        if found is None:
+            found = self.black_box_prompts[name] = read_black_box(path)
+        todo = [p for p in prompts if not same_prompt(found.get(p.index), p)]
+        new = attack.attack(target, todo) if todo else []
+        found.update((item.index, item) for item in new)
+        self.keep_black_box(path, new)
         return [found[p.index] for p in prompts]
+
+    def black_box_file(self, name: str, budget: dict) -> Path:
+        """Where a black-box attack's prompts live: named by the base model and the attack's budget."""
+        key = json.dumps({"base": container(self.cfg.base), "attack": budget}, sort_keys=True, default=str)
+        return self.out / "black_box" / name / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+
+    def keep_black_box(self, path: Path, new: list[AttackedPrompt]) -> None:
+        """Every process's new results, merged with those on disk by the main process (atomic write)."""
+        items = gather_object([a.to_dict() for a in new]) if self.distributed else [a.to_dict() for a in new]
+        if self.main and items:
+            merged = {**read_black_box(path), **{item["index"]: AttackedPrompt(**item) for item in items}}
+            lines = [json.dumps(merged[i].to_dict(), default=str) + "\n" for i in sorted(merged)]
+            write_text_atomic(path, "".join(lines))
 
     def save_attacked(self, out_dir: Path, attacked: list[AttackedPrompt]) -> None:
         """Every process's attacked prompts, merged with those on disk, as prompts.jsonl + prompts.txt."""
@@ -195,3 +217,16 @@ class Evaluation:
             write_attacked(path, [AttackedPrompt(**item) for item in merged.values()])
             (out_dir / "prompts.txt").write_text("".join(f"{i['text']}\n" for i in sorted(
                 merged.values(), key=lambda item: item["index"])), encoding="utf-8")
+
+
+def read_black_box(path: Path) -> dict[int, AttackedPrompt]:
+    """Prompt index -> attacked prompt of a black-box cache file ({} if there is none yet)."""
+    if not path.is_file():
+        return {}
+    return {item.index: item for item in read_attacked(path)}
+
+
+def same_prompt(item: AttackedPrompt | None, prompt: EvalPrompt) -> bool:
+    """Whether a cached attacked prompt was made from this prompt (the set may have changed under its index)."""
+    return item is not None and (item.prompt, item.seed, item.guidance) == (prompt.prompt, prompt.seed,
+                                                                           prompt.guidance)

@@ -26,6 +26,7 @@ from stereo.evaluation.layout import Cell, restart_cell
 from stereo.evaluation.metrics import MetricSet, Report, cell_row
 from stereo.evaluation.report import write_report
 from stereo.manifest import build_manifest
+from stereo.parallel import release
 
 IMAGES = "images"  # the cell of an image-folder model
 
@@ -36,6 +37,13 @@ def evaluate(cfg, detectors: Mapping[str, Callable] | None = None,
     main process (None on the others). `detectors` / `feature_extractors`: factories by name for this run,
     on top of the registries (`register_detector`, `register_feature_extractor`)."""
     run = Evaluation(cfg, detectors)
+    try:
+        return _evaluate(run, cfg, feature_extractors)
+    finally:
+        release(run.accelerator)  # the process group too: a gloo group left to the exit can abort the process
+
+
+def _evaluate(run: Evaluation, cfg, feature_extractors) -> Report | None:
     # CLIP / FID load first, so a missing folder fails before generation; only the main process scores
     metrics = MetricSet.from_config(cfg, run.out, run.accelerator, feature_extractors)
     # (cell, attack name, kind of row, prompts in this run (None: an image folder), restart (None: no restarts))

@@ -89,6 +89,8 @@ def main(out: Path) -> None:
                             out / "fid_cache", accelerator=state)
     report["fid"] = {"seen": extractor.seen, "mean": stats.mean.tolist(), "cov": stats.cov.tolist()}
     (out / f"rank{state.process_index}.json").write_text(json.dumps(report))
+    state.wait_for_everyone()
+    state.destroy_process_group()  # a gloo group left to the interpreter's exit can abort the process
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import copy
 import gc
 import json
+import os
 import sys
 import weakref
 from pathlib import Path
@@ -59,12 +60,9 @@ def main(out: Path) -> None:
     accumulation = gradient_syncs_with_accumulation(steps=2, grad_accum=2)  # before train() ends the process group
     cfg = compose(FAST + ["method=esd", "concept=church", f"output_dir={out / 'run'}", "trainer.cpu=true",
                           "trainer.steps=2", "trainer.lr=1e-3", "export.formats=[delta]"])
-    result = train(cfg)
-    from accelerate import PartialState
-
-    state = PartialState()
-    (out / f"rank{state.process_index}.json").write_text(json.dumps({
-        "num_processes": state.num_processes, "checksum": checksum(result["unet"]),
+    result = train(cfg)  # ends the process group: read the rank from torchrun's environment
+    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps({
+        "num_processes": int(os.environ["WORLD_SIZE"]), "checksum": checksum(result["unet"]),
         "first_loss": result["local_losses"][0], "moved": bool(result["losses"]), **accumulation,
     }))
 
