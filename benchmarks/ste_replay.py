@@ -7,8 +7,9 @@ A STEREO run stays open to attack for one of two reasons, and they call for diff
 - it no longer answers them, yet a fresh attack works: the evaluation's attack finds tokens STE never
   found (STE's search was not thorough enough: rounds, budget, restarts per round).
 
-For every (concept, seed) of `--work` (a `benchmarks.toy_robustness` folder) and every STE round k: one
-`evaluate.py` run of the `token_file` attack with round k's token on `base`, `round0..round{K-1}` (the
+For every (concept, seed) of `--work` (a `benchmarks.toy_robustness` folder) and every token STE found
+(round k's first token is `tokenK`, its j-th extra one `tokenK-j`): one
+`evaluate.py` run of the `token_file` attack with that token on `base`, `round0..round{K-1}` (the
 UNet STE erased in each round) and `final` (the export), the concept's evaluation prompts (the token in
 the concept's inversion templates, the prompts' seeds), toy detector. The table gives each cell's ASR,
 mean over seeds with a 95 % bootstrap CI, and per seed.
@@ -58,20 +59,21 @@ def replay(args, work: Path, concept: str, seed: int, label: str) -> dict[str, d
     out: dict[str, dict[str, float]] = {}
     for k, token_round in enumerate(rounds):
         done = json.loads((token_round / DONE).read_text())
-        token_file = token_round / done["tokens"][0]["file"]
-        cfg = compose_eval([
-            "model@base=toy", f"concept={concept}", "attack=[token_file]",
-            f"attacks.token_file.token_file={token_file}",
-            f"seed={seed}", f"output_dir={work / 'replay' / concept / f'seed{seed}' / f'token{k}'}", "progress=false",
-            f"generation.max_prompts={args.prompts}", f"generation.guidance={args.guidance}",
-            f"generation.steps={args.steps}", "generation.batch_size=16", "metrics.clip_path=null",
-            "metrics.fid.reference_dir=null"])
-        with open_dict(cfg.models):
-            for j, unet_round in enumerate(rounds):
-                cfg.models[f"round{j}"] = {"export": str(round_export(work, unet_round, concept, seed))}
-            cfg.models["final"] = {"export": record["export_dir"]}
-        report = evaluate(cfg)
-        out[f"token{k}"] = {row.model: row.rate.asr for row in report.rows if row.kind == "concept"}
+        for j, entry in enumerate(done["tokens"]):  # `method.ste.tokens_per_round` tokens per round
+            name = f"token{k}" if j == 0 else f"token{k}-{j}"
+            cfg = compose_eval([
+                "model@base=toy", f"concept={concept}", "attack=[token_file]",
+                f"attacks.token_file.token_file={token_round / entry['file']}", f"seed={seed}",
+                f"output_dir={work / 'replay' / concept / f'seed{seed}' / name}", "progress=false",
+                f"generation.max_prompts={args.prompts}", f"generation.guidance={args.guidance}",
+                f"generation.steps={args.steps}", "generation.batch_size=16", "metrics.clip_path=null",
+                "metrics.fid.reference_dir=null"])
+            with open_dict(cfg.models):
+                for i, unet_round in enumerate(rounds):
+                    cfg.models[f"round{i}"] = {"export": str(round_export(work, unet_round, concept, seed))}
+                cfg.models["final"] = {"export": record["export_dir"]}
+            report = evaluate(cfg)
+            out[name] = {row.model: row.rate.asr for row in report.rows if row.kind == "concept"}
     return out
 
 
@@ -117,7 +119,8 @@ def main(argv=None) -> None:
                                                     "wall_seconds": seconds, "replay": summary})
     write_text_atomic(results / "ste_replay.md", (
         f"# STE tokens replayed\n\nCommand: `{command}`  \nWall time: {seconds / 60:.1f} min\n\n"
-        f"ASR % of each STE round's token (rows) on each model (columns): mean over training seeds "
+        f"ASR % of each token STE found (rows; tokenK-j: round K's token j) on each model (columns): mean over "
+        f"training seeds "
         f"{', '.join(map(str, seeds))} [95 % bootstrap CI] (per seed). roundK = the UNet STE erased in round K "
         f"(token K was found against roundK); final = the run's export (REO from the original UNet). "
         f"{args.prompts} prompts per concept, DDIM {args.steps}, guidance {args.guidance}, toy detector.\n\n"
