@@ -39,13 +39,18 @@ from stereo.recipes.ste_rounds import DONE, finished_rounds
 from stereo.toy import detector as toy_detector
 
 
-def round_export(work: Path, round_dir: Path, concept: str, seed: int) -> Path:
-    """An export folder holding a round's erased subset (`delta.safetensors` is what `apply_export` reads)."""
-    folder = work / "replay" / concept / f"seed{seed}" / "unets" / round_dir.name
+def replay_dir(work: Path, label: str, concept: str, seed: int) -> Path:
+    """Where one STEREO run's replay lives: one folder per method label, so that two variants' replays on the
+    same `--work` never share a round's UNet or a cell."""
+    return work / "replay" / label / concept / f"seed{seed}"
+
+
+def round_export(folder: Path, round_dir: Path) -> Path:
+    """An export folder holding a round's erased subset (`delta.safetensors` is what `apply_export` reads),
+    copied afresh from the run on every replay (never an older copy)."""
+    folder = folder / "unets" / round_dir.name
     folder.mkdir(parents=True, exist_ok=True)
-    delta = folder / "delta.safetensors"
-    if not delta.is_file():
-        shutil.copyfile(round_dir / "unet_delta.safetensors", delta)
+    shutil.copyfile(round_dir / "unet_delta.safetensors", folder / "delta.safetensors")
     return folder
 
 
@@ -57,6 +62,7 @@ def replay(args, work: Path, concept: str, seed: int, label: str) -> dict[str, d
     if not rounds:
         raise FileNotFoundError(f"{run}: no finished STE round (ste/round_k/{DONE}); is {label!r} a STEREO run?")
     out: dict[str, dict[str, float]] = {}
+    folder = replay_dir(work, label, concept, seed)
     for k, token_round in enumerate(rounds):
         done = json.loads((token_round / DONE).read_text())
         for j, entry in enumerate(done["tokens"]):  # `method.ste.tokens_per_round` tokens per round
@@ -64,13 +70,13 @@ def replay(args, work: Path, concept: str, seed: int, label: str) -> dict[str, d
             cfg = compose_eval([
                 "model@base=toy", f"concept={concept}", "attack=[token_file]",
                 f"attacks.token_file.token_file={token_round / entry['file']}", f"seed={seed}",
-                f"output_dir={work / 'replay' / concept / f'seed{seed}' / name}", "progress=false",
+                f"output_dir={folder / name}", "progress=false",
                 f"generation.max_prompts={args.prompts}", f"generation.guidance={args.guidance}",
                 f"generation.steps={args.steps}", "generation.batch_size=16", "metrics.clip_path=null",
                 "metrics.fid.reference_dir=null"])
             with open_dict(cfg.models):
                 for i, unet_round in enumerate(rounds):
-                    cfg.models[f"round{i}"] = {"export": str(round_export(work, unet_round, concept, seed))}
+                    cfg.models[f"round{i}"] = {"export": str(round_export(folder, unet_round))}
                 cfg.models["final"] = {"export": record["export_dir"]}
             report = evaluate(cfg)
             out[name] = {row.model: row.rate.asr for row in report.rows if row.kind == "concept"}

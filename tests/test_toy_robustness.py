@@ -133,29 +133,32 @@ def test_quick_run_end_to_end_writes_restarts_intervals_and_paired_differences(t
 
 @pytest.mark.slow
 def test_ste_replay_plays_each_round_token_on_base_rounds_and_export(tmp_path):
-    """benchmarks.ste_replay on a quick STEREO training with two tokens per round: every token STE found
-    against the base model, each round's erased UNet (its saved subset, not the export's) and the final
-    export (~1 min on 2 cores)."""
+    """benchmarks.ste_replay on quick STEREO trainings (one with two tokens per round): every token STE found
+    against the base model, each round's erased UNet (its saved subset, not the export's, and that run's,
+    not another variant's on the same --work) and the final export (~1.5 min on 2 cores)."""
     from safetensors.torch import load_file
 
     from benchmarks import ste_replay
 
     work = tmp_path / "work"
-    bench.train_all(bench.parse_args(["--concepts", "circle", "--seeds", "0", "--methods", "",
-                                      "--method", "stereo:method.ste.tokens_per_round=2", "--quick",
+    bench.train_all(bench.parse_args(["--concepts", "circle", "--seeds", "0", "--methods", "", "--quick",
+                                      "--method", "stereo:method.ste.tokens_per_round=2",
+                                      "--method", "other:method=stereo,method.ste.erase_lr=0.01",
                                       "--work", str(work)]), work)
-    run = work / "train" / "circle" / "seed0" / "stereo"
-    ste_replay.main(["--work", str(work), "--concepts", "circle", "--seeds", "0", "--prompts", "4", "--steps", "5",
-                     "--results", str(tmp_path / "results")])
-    replay = json.loads((tmp_path / "results" / "ste_replay.json").read_text())["replay"]["circle"]
-    assert set(replay) == {"token0", "token0-1"} and set(replay["token0"]) == {"base", "round0", "final"}
-    assert all(0 <= cell["per_seed"][0] <= 1 for token in replay.values() for cell in token.values())
-    # the round's model is that round's erased subset, and the attack replays that round's token file
-    loaded = load_file(work / "replay" / "circle" / "seed0" / "unets" / "round_0" / "delta.safetensors")
-    saved = load_file(run / "ste" / "round_0" / "unet_delta.safetensors")
-    assert loaded.keys() == saved.keys() and all((loaded[k] == saved[k]).all() for k in saved)
-    found = json.loads((run / "ste" / "round_0" / "done.json").read_text())["tokens"]
-    for j, name in enumerate(("token0", "token0-1")):
-        replayed = work / "replay" / "circle" / "seed0" / name / "attacks" / "round0" / "token_file" / "prompts.jsonl"
-        assert json.loads(replayed.read_text().splitlines()[0])["info"]["token"] == found[j]["token"]
+    for label, tokens in (("stereo", ("token0", "token0-1")), ("other", ("token0",))):
+        run = work / "train" / "circle" / "seed0" / label
+        ste_replay.main(["--work", str(work), "--concepts", "circle", "--seeds", "0", "--prompts", "4",
+                         "--steps", "5", "--label", label, "--results", str(tmp_path / "results")])
+        replay = json.loads((tmp_path / "results" / "ste_replay.json").read_text())["replay"]["circle"]
+        assert set(replay) == set(tokens) and set(replay["token0"]) == {"base", "round0", "final"}
+        assert all(0 <= cell["per_seed"][0] <= 1 for token in replay.values() for cell in token.values())
+        # the round's model is this run's round's erased subset, and the attack replays that round's token file
+        folder = work / "replay" / label / "circle" / "seed0"
+        loaded = load_file(folder / "unets" / "round_0" / "delta.safetensors")
+        saved = load_file(run / "ste" / "round_0" / "unet_delta.safetensors")
+        assert loaded.keys() == saved.keys() and all((loaded[k] == saved[k]).all() for k in saved)
+        found = json.loads((run / "ste" / "round_0" / "done.json").read_text())["tokens"]
+        for j, name in enumerate(tokens):
+            replayed = folder / name / "attacks" / "round0" / "token_file" / "prompts.jsonl"
+            assert json.loads(replayed.read_text().splitlines()[0])["info"]["token"] == found[j]["token"]
     assert "| circle | token0 |" in (tmp_path / "results" / "ste_replay.md").read_text()
