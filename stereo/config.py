@@ -212,6 +212,9 @@ class STEConfig:
     # adversarial tokens learned per concept per round (the reference code's num_of_adv_concepts): token 0 starts
     # at the initializer's vectors, token j > 0 from a random start with its own seed
     tokens_per_round: int = 1
+    # method.stage=ste only: export the last round's UNet as the run's export (STE alone as an erasure, without
+    # REO: an ablation of what REO keeps of STE's robustness). Off: stage=ste searches and exports nothing
+    export_last: bool = False
 
     def __post_init__(self) -> None:
         at_least(1, {"method.ste.rounds": self.rounds, "method.ste.tokens_per_round": self.tokens_per_round})

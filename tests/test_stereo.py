@@ -54,6 +54,23 @@ def test_stereo_end_to_end_writes_rounds_tokens_and_export(fast_cfg, tmp_path):
     assert encode_prompts(fresh, ["a photo of a <circle-ste1>"]).shape == (1, 77, 64)
 
 
+def test_ste_alone_exports_its_last_round_when_asked(fast_cfg, tmp_path):
+    """method.stage=ste exports nothing unless method.ste.export_last: then the export is the last round's UNet
+    (the saved round delta, not the first round's, not the base model's) and names what it erased."""
+    from safetensors.torch import load_file
+
+    out = train(fast_cfg(*TINY_STEREO, "method.stage=ste", "method.ste.export_last=true",
+                         "method.ste.erase_lr=1e-2", "export.formats=[delta]"))
+    ste = tmp_path / "run" / "ste"
+    exported = load_file(out["export_dir"] / "delta.safetensors")
+    last, first = (load_file(ste / f"round_{k}" / "unet_delta.safetensors") for k in (1, 0))
+    assert exported.keys() == last.keys() and all(torch.equal(exported[k], last[k]) for k in last)
+    assert any(not torch.equal(last[k], first[k]) for k in last)
+    manifest = json.loads((out["export_dir"] / "manifest.json").read_text())
+    assert manifest["stage"] == "ste" and manifest["erased"] == ["circle", "a photo of a <circle-ste0>"]
+    assert manifest["adversarial_tokens"] == ["<circle-ste0>"]
+
+
 class Killed(Exception):
     pass
 

@@ -54,9 +54,13 @@ log = logging.getLogger(__name__)
 def run_stereo(ctx: RunContext) -> dict:
     """method.stage: all (STE -> REO), ste (search only), reo (REO with a finished STE folder's tokens)."""
     stage = ctx.cfg.method.stage
-    tokens = load_ste_tokens(ctx.pipe, ctx.cfg.method.ste_dir) if stage == "reo" else ste(ctx)
-    if stage == "ste":
-        return {"tokens": tokens, "ste_dir": ctx.output_dir / "ste"}
+    if stage == "reo":
+        tokens = load_ste_tokens(ctx.pipe, ctx.cfg.method.ste_dir)
+        return {**reo(ctx, tokens), "tokens": tokens}
+    tokens, unet = ste(ctx)
+    if stage == "ste":  # a search; with method.ste.export_last, also an erasure (the last round's UNet)
+        exported = export_ste(ctx, tokens, unet) if ctx.cfg.method.ste.export_last else {}
+        return {**exported, "tokens": tokens, "ste_dir": ctx.output_dir / "ste"}
     return {**reo(ctx, tokens), "tokens": tokens}
 
 
@@ -68,8 +72,9 @@ def run_reo_only(ctx: RunContext) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Stage 1: STE
 # ----------------------------------------------------------------------------------------------
-def ste(ctx: RunContext) -> list[AdversarialToken]:
-    """All rounds of STE (resuming finished ones); returns every adversarial token found, in order."""
+def ste(ctx: RunContext) -> tuple[list[AdversarialToken], torch.nn.Module]:
+    """All rounds of STE (resuming finished ones); returns every adversarial token found, in order, and the
+    UNet of the last round (erased of the concept and of every token the earlier rounds found)."""
     cfg, root = ctx.cfg, ctx.output_dir / "ste"
     galleries = _galleries(ctx, root / "gallery")
     unet, found = ctx.base_unet, []
@@ -89,7 +94,19 @@ def ste(ctx: RunContext) -> list[AdversarialToken]:
                    time.perf_counter() - began)
         unet, found = erased, found + tokens  # 3. keep the embeddings; the next round starts from `erased`
     write_token_index(ctx, root, found)
-    return found
+    return found, unet
+
+
+def export_ste(ctx: RunContext, tokens: list[AdversarialToken], unet) -> dict:
+    """method.stage=ste method.ste.export_last=true: the last round's UNet is the run's export. It is STE's
+    sequential adversarial erasure without REO (an ablation: what REO's one run from the original model keeps
+    of STE's robustness). The last round's tokens were found, not erased, so they are not in `erased`."""
+    names = subset_parameter_names(unet, ctx.subset)
+    last = max((t.round for t in tokens), default=0)
+    erased = ctx.concept_prompts() + [t.prompt for t in tokens if t.round < last]  # the last round's are only found
+    export_dir = ctx.export(unet, names, stage="ste", erased=erased,
+                            adversarial_tokens=[t.learned.token for t in tokens if t.round < last])
+    return {"export_dir": export_dir, "unet": unet, "trainable": names, "negatives": erased}
 
 
 def round_targets(ctx: RunContext, found: list[AdversarialToken], k: int) -> list[str]:
