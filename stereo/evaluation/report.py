@@ -232,5 +232,5 @@ def scatter(data: list[tuple[str, float, float]], x_label: str, y_label: str,
         while any(abs(ty - oy) < 11 and abs(px - ox) < 60 for ox, oy in placed):
             ty += 11
         placed.append((px, ty))
-        draw.text((px + 6, ty), label[:16], fill="black", font=font)
+        draw.text((px + 6, ty), label[:28], fill="black", font=font)
     return image
