@@ -31,6 +31,7 @@ from PIL import Image
 
 from stereo.conditioning import encode_tokens, text_towers
 from stereo.generation import generate
+from stereo.manifest import write_text_atomic
 
 # name -> module that defines (and registers) the attack; imported on first use.
 ATTACK_MODULES = {
@@ -228,12 +229,11 @@ def render(pipe, attacked: Sequence[AttackedPrompt], generation: GenerationSetti
 
 
 def write_attacked(path: str | Path, attacked: Sequence[AttackedPrompt]) -> Path:
-    """The attacked prompts as JSON lines (index, prompt, text, token ids, seed, guidance, info)."""
+    """The attacked prompts as JSON lines (index, prompt, text, token ids, seed, guidance, info), written
+    atomically: a process reading the file while another rewrites it sees the old or the new one, whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for item in sorted(attacked, key=lambda a: a.index):
-            handle.write(json.dumps(item.to_dict(), default=str) + "\n")
+    write_text_atomic(path, "".join(json.dumps(item.to_dict(), default=str) + "\n"
+                                    for item in sorted(attacked, key=lambda a: a.index)))
     return path
 
 

@@ -40,7 +40,6 @@ from stereo.evaluation.detectors import detector_settings as merged_detector_set
 from stereo.evaluation.inputs import container, eval_prompts, folder_images, make_detector, the_concept
 from stereo.evaluation.layout import Cell, check_resumable
 from stereo.generation import open_rgb
-from stereo.manifest import write_text_atomic
 from stereo.parallel import main_process_value, make_accelerator
 
 log = logging.getLogger(__name__)
@@ -203,8 +202,7 @@ class Evaluation:
         items = gather_object([a.to_dict() for a in new]) if self.distributed else [a.to_dict() for a in new]
         if self.main and items:
             merged = {**read_black_box(path), **{item["index"]: AttackedPrompt(**item) for item in items}}
-            lines = [json.dumps(merged[i].to_dict(), default=str) + "\n" for i in sorted(merged)]
-            write_text_atomic(path, "".join(lines))
+            write_attacked(path, list(merged.values()))
 
     def save_attacked(self, out_dir: Path, attacked: list[AttackedPrompt]) -> None:
         """Every process's attacked prompts, merged with those on disk, as prompts.jsonl + prompts.txt."""
