@@ -63,6 +63,8 @@ def replay(args, work: Path, concept: str, seed: int, label: str) -> dict[str, d
         raise FileNotFoundError(f"{run}: no finished STE round (ste/round_k/{DONE}); is {label!r} a STEREO run?")
     out: dict[str, dict[str, float]] = {}
     folder = replay_dir(work, label, concept, seed)
+    models = {f"round{i}": {"export": str(round_export(folder, unet_round))} for i, unet_round in enumerate(rounds)}
+    models["final"] = {"export": record["export_dir"]}
     for k, token_round in enumerate(rounds):
         done = json.loads((token_round / DONE).read_text())
         for j, entry in enumerate(done["tokens"]):  # `method.ste.tokens_per_round` tokens per round
@@ -75,9 +77,7 @@ def replay(args, work: Path, concept: str, seed: int, label: str) -> dict[str, d
                 f"generation.steps={args.steps}", "generation.batch_size=16", "metrics.clip_path=null",
                 "metrics.fid.reference_dir=null"])
             with open_dict(cfg.models):
-                for i, unet_round in enumerate(rounds):
-                    cfg.models[f"round{i}"] = {"export": str(round_export(folder, unet_round))}
-                cfg.models["final"] = {"export": record["export_dir"]}
+                cfg.models.update(models)
             report = evaluate(cfg)
             out[name] = {row.model: row.rate.asr for row in report.rows if row.kind == "concept"}
     return out

@@ -103,9 +103,10 @@ def export_ste(ctx: RunContext, tokens: list[AdversarialToken], unet) -> dict:
     of STE's robustness). The last round's tokens were found, not erased, so they are not in `erased`."""
     names = subset_parameter_names(unet, ctx.subset)
     last = max((t.round for t in tokens), default=0)
-    erased = ctx.concept_prompts() + [t.prompt for t in tokens if t.round < last]  # the last round's are only found
+    erased_tokens = [t for t in tokens if t.round < last]  # the last round's were only found
+    erased = ctx.concept_prompts() + [t.prompt for t in erased_tokens]
     export_dir = ctx.export(unet, names, stage="ste", erased=erased,
-                            adversarial_tokens=[t.learned.token for t in tokens if t.round < last])
+                            adversarial_tokens=[t.learned.token for t in erased_tokens])
     return {"export_dir": export_dir, "unet": unet, "trainable": names, "negatives": erased}
 
 
