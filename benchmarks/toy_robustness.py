@@ -128,17 +128,49 @@ def train_all(args, work: Path) -> dict:
                 overrides = ["model=toy", *method.overrides, f"concept={concept}", f"seed={seed}",
                              *(QUICK_TRAIN if args.quick else [])]
                 done = out / "benchmark_run.json"  # written last: a rerun reuses finished trainings
-                if done.exists() and json.loads(done.read_text()).get("overrides", overrides) != overrides:
-                    raise ValueError(f"{out} was trained with {json.loads(done.read_text())['overrides']}, not "
-                                     f"{overrides}; use another label or --work, or delete that folder")
-                if not done.exists():
+                cfg = compose([*overrides, f"output_dir={out}"])
+                if done.exists():
+                    check_finished(out, overrides, json.loads(done.read_text()).get("overrides", overrides), cfg)
+                else:
                     start = time.perf_counter()
-                    result = train(compose([*overrides, f"output_dir={out}"]))
+                    result = train(cfg)
                     write_json_atomic(done, {"export_dir": str(result["export_dir"]), "overrides": overrides,
                                              "seconds": time.perf_counter() - start})
                 record = json.loads(done.read_text())
                 runs[(concept, seed, method.label)] = (record["export_dir"], record["seconds"])
     return runs
+
+
+TRAINING_SETTINGS = ("model", "method", "concepts", "trainer")  # what a finished training must still match
+
+
+def changed_settings(cfg, saved: Path) -> list[str]:
+    """Dotted keys of `TRAINING_SETTINGS` whose value in `cfg` differs from a finished run's resolved config
+    (`saved`, its config.yaml). Keys the saved config lacks (written before the setting existed) are skipped."""
+    from omegaconf import OmegaConf
+
+    def walk(old, new, prefix):
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in old.keys() & new.keys():
+                yield from walk(old[key], new[key], f"{prefix}.{key}")
+        elif old != new:
+            yield prefix
+
+    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return [key for section in TRAINING_SETTINGS for key in walk(old.get(section), new.get(section), section)]
+
+
+def check_finished(out: Path, overrides: list[str], trained_with: list[str], cfg) -> None:
+    """A finished training is reused only if it was run with the same overrides and, the configs' defaults
+    (budgets, presets) having maybe changed since, still resolves to the same settings."""
+    if trained_with != overrides:
+        raise ValueError(f"{out} was trained with {trained_with}, not {overrides}; use another label or --work, "
+                         "or delete that folder")
+    changed = changed_settings(cfg, out / "config.yaml") if (out / "config.yaml").exists() else []
+    if changed:
+        raise ValueError(f"{out} was trained before the configs changed ({', '.join(changed)} differ from what "
+                         f"{overrides} gives now); delete that folder to retrain it, or use another --work")
 
 
 def fid_reference(work: Path, n: int = 500) -> Path:

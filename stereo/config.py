@@ -90,6 +90,13 @@ class Adversarial(Choice):
     none = "none"
 
 
+class KeepLatents(Choice):
+    """Where the preservation term regresses the kept prompts (method.preserve.latents)."""
+
+    concept = "concept"  # the erased concept's x_t: on the toy, the more specific of the two (docs/toy_tuning.md)
+    own = "own"          # x_t from the student's own chain conditioned on the kept prompt: where it draws that concept
+
+
 class MethodName(Choice):
     esd = "esd"        # Erased Stable Diffusion (Gandikota et al. 2023)
     reo = "reo"        # REO with the concept prompts only (no STE search): the ablation
@@ -248,10 +255,14 @@ class PreserveConfig:
 
     weight: float = 0.0  # lambda; 0 = off (ESD and STEREO as published)
     prompts: list[str] = field(default_factory=list)  # empty -> every neighbour prompt of the selected concepts
+    latents: KeepLatents = KeepLatents.concept  # concept | own: the x_t the kept prompts are regressed at
+    per_latent: int = 1  # kept prompts drawn for each latent of the erasure (balanced over the kept prompts)
 
     def __post_init__(self) -> None:
         if self.weight < 0:
             raise ValueError(f"method.preserve.weight={self.weight} must be >= 0")
+        if self.per_latent < 1:
+            raise ValueError(f"method.preserve.per_latent={self.per_latent} must be >= 1")
 
 
 @dataclass

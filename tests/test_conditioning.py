@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
 from stereo import conditioning
-from stereo.erasure.objectives import ESDObjective
+from stereo.erasure.objectives import ESDObjective, Preservation
 from stereo.erasure.sampling import ddim_scheduler, sample_xt
 from stereo.erasure.subsets import select_trainable
 from stereo.erasure.trainer import ErasureTrainer, TrainerSettings
@@ -139,8 +139,8 @@ def accelerator():
 def test_one_esd_step_trains_the_subset(family, accelerator, request):
     pipe = request.getfixturevalue(family)
     negatives, uncond = encode_prompts(pipe, PROMPTS[:2]).detach(), encode_prompts(pipe, [""])[0].detach()
-    objective = ESDObjective(negatives=negatives, uncond=uncond, preserve=encode_prompts(pipe, ["a tree"]).detach(),
-                             preserve_weight=0.5)
+    objective = ESDObjective(negatives=negatives, uncond=uncond,
+                             preserve=Preservation(encode_prompts(pipe, ["a tree"]).detach(), 0.5))
     student = copy.deepcopy(pipe.unet).float()
     names = select_trainable(student, "xattn")
     before = {n: p.detach().clone() for n, p in student.named_parameters()}

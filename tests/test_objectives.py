@@ -3,7 +3,14 @@
 import torch
 
 from stereo.attacks.inversion import denoising_loss
-from stereo.erasure.objectives import ESDObjective, balanced_indices, erasure_loss, esd_target, reo_target
+from stereo.erasure.objectives import (
+    ESDObjective,
+    Preservation,
+    balanced_indices,
+    erasure_loss,
+    esd_target,
+    reo_target,
+)
 
 
 def seeded(*shape, seed=0):
@@ -67,8 +74,15 @@ def test_balanced_indices_cover_every_item_once_per_cycle():
 
 def test_the_preservation_draw_is_balanced_over_the_kept_prompts_and_off_by_default():
     neg, unc, keep = seeded(3, 77, 16, seed=13), seeded(77, 16, seed=14), seeded(4, 77, 16, seed=15)
-    assert ESDObjective(negatives=neg, uncond=unc, preserve=keep).sample(0, 2).keep is None  # lambda = 0: off
-    obj = ESDObjective(negatives=neg, uncond=unc, seed=4, preserve=keep, preserve_weight=0.5)
+    assert ESDObjective(negatives=neg, uncond=unc).sample(0, 2).keep is None
+    assert ESDObjective(negatives=neg, uncond=unc, preserve=Preservation(keep, 0.0)).sample(0, 2).keep is None  # λ = 0
+    obj = ESDObjective(negatives=neg, uncond=unc, seed=4, preserve=Preservation(keep, 0.5))
     cond = obj.sample(position=6, batch_size=2)
     torch.testing.assert_close(cond.keep, keep[balanced_indices(4, 6, 2, seed=4 + 2)])
+    # per_latent = 3: latents 6, 7 draw items 18 .. 23 of the same stream, latent-major, every prompt once per cycle
+    obj.preserve.per_latent = 3
+    many = obj.sample(position=6, batch_size=2).keep
+    torch.testing.assert_close(many, keep[balanced_indices(4, 18, 6, seed=4 + 2)])
+    drawn = obj.preserve.draw(0, 4, seed=4 + 2)  # 12 draws over 4 prompts: each 3 times
+    assert sorted(int((drawn == k).all(dim=(1, 2)).sum()) for k in keep) == [3, 3, 3, 3]
     torch.testing.assert_close(cond.student, ESDObjective(negatives=neg, uncond=unc, seed=4).sample(6, 2).student)

@@ -104,6 +104,28 @@ def test_the_table_numbers_from_reports():
     assert "Δ vs REO-only (pp)" in head and "Δ vs ESD" not in head
 
 
+def test_a_finished_training_is_reused_only_while_the_configs_still_give_its_settings(tmp_path):
+    """Same overrides are not enough: a budget or preset default changed since the training makes it stale. A
+    config written before a setting existed is not refused for lacking that key."""
+    from omegaconf import OmegaConf
+
+    from stereo.config import compose
+
+    overrides = ["model=toy", "method=esd", "concept=circle", "seed=0"]
+    cfg = compose([*overrides, f"output_dir={tmp_path}"])
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # as a training writes it
+    bench.check_finished(tmp_path, overrides, overrides, cfg)
+    with pytest.raises(ValueError, match="was trained with"):
+        bench.check_finished(tmp_path, overrides, [*overrides[:-1], "seed=1"], cfg)
+    now = compose([*overrides, "trainer.steps=7", "method.preserve.latents=own", f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="method.preserve.latents, trainer.steps differ"):
+        bench.check_finished(tmp_path, overrides, overrides, now)
+    older = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    del older["method"]["preserve"]["latents"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(older))
+    assert bench.changed_settings(now, tmp_path / "config.yaml") == ["trainer.steps"]
+
+
 @pytest.mark.slow
 def test_quick_run_end_to_end_writes_restarts_intervals_and_paired_differences(tmp_path):
     """The benchmark's smoke command (its docstring) with two methods: train on the toy, evaluate every attack with

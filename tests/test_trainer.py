@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from stereo.erasure.objectives import ESDObjective
+from stereo.erasure.objectives import ESDObjective, Preservation
 from stereo.erasure.subsets import add_lora, select_trainable
 from stereo.erasure.trainer import ErasureTrainer, TrainerSettings, make_optimizer
 from stereo.models.rehearsal import rehearsal_unet, sd14_scheduler
@@ -187,26 +187,36 @@ def test_sd14_shaped_unet_trains_with_a_half_precision_teacher_under_bf16_autoca
 
 
 
-def test_the_preservation_term_is_lambda_times_the_kept_prompts_mse_to_the_teacher(make_accelerator):
-    """loss = MSE(eps_theta(x_t, c), eps*) + lambda MSE(eps_theta(x_t, k), eps_0(x_t, k)) on the same x_t, t; zero
-    while the student equals its teacher, and the erasure part unchanged by the kept rows in the teacher batch."""
+def drifted(trainer: ErasureTrainer) -> ErasureTrainer:
+    """The student moved away from its teacher (every trainable tensor, seeded)."""
+    with torch.no_grad():
+        for p in trainer.student.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return trainer
+
+
+@pytest.mark.parametrize("per_latent", [1, 2])
+def test_the_preservation_term_on_the_concepts_latents_is_lambda_times_the_kept_prompts_mse_to_the_teacher(
+        make_accelerator, per_latent):
+    """latents="concept" (the default): loss = MSE(eps_theta(x_t, c), eps*) + lambda MSE(eps_theta(x_t, k),
+    eps_0(x_t, k)), each latent's kept prompts on its own x_t, t; zero while the student equals its teacher, the
+    erasure part unchanged by the kept rows."""
     from stereo.erasure.objectives import balanced_indices
     from stereo.erasure.sampling import draw_stop_steps, sample_xt
 
     keep = torch.randn(3, 77, 64, generator=torch.Generator().manual_seed(11))
     trainer = esd_trainer(make_accelerator(), subset="noxattn", batch_size=2)
     obj = trainer.objective
-    obj.preserve, obj.preserve_weight = keep, 0.0
+    obj.preserve = Preservation(keep, 0.0, per_latent=per_latent)
+    assert obj.preserve.latents == "concept"  # the default
     off = float(trainer.micro_step_loss(0, 0))
-    obj.preserve_weight = 4.0
+    obj.preserve.weight = 4.0
     torch.testing.assert_close(float(trainer.micro_step_loss(0, 0)), off)  # student == teacher: the term is 0
-    with torch.no_grad():  # the student drifts from its teacher
-        for p in trainer.student.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    obj.preserve_weight = 0.0
+    drifted(trainer)
+    obj.preserve.weight = 0.0
     off = float(trainer.micro_step_loss(1, 0))
-    obj.preserve_weight = 4.0
+    obj.preserve.weight = 4.0
     on = float(trainer.micro_step_loss(1, 0))
     # the term by hand: the same x_t, t as the trainer draws at step 1, the kept prompts of positions 2, 3
     cond = obj.sample(position=2, batch_size=2)
@@ -214,11 +224,46 @@ def test_the_preservation_term_is_lambda_times_the_kept_prompts_mse_to_the_teach
     stop = draw_stop_steps(2, trainer.settings.ddim_steps, generator)
     x_t, t = sample_xt(trainer.student, trainer.scheduler, cond.student, cond.uncond, stop, num_steps=4, guidance=3.0,
                        latent_shape=trainer.latent_shape, generator=generator)
-    kept = keep[balanced_indices(3, 2, 2, seed=0 + 2)]
+    kept = keep[balanced_indices(3, 2 * per_latent, 2 * per_latent, seed=0 + 2)]  # latent-major
+    x_k, t_k = x_t.repeat_interleave(per_latent, 0), t.repeat_interleave(per_latent, 0)
     with torch.no_grad():
-        student, teacher = (unet(x_t, t, encoder_hidden_states=kept).sample
+        student, teacher = (unet(x_k, t_k, encoder_hidden_states=kept).sample
                             for unet in (trainer.student, trainer.teacher))
     term = 4.0 * float(torch.nn.functional.mse_loss(student, teacher))
     assert term > 1e-6
     assert on - off == pytest.approx(term, rel=1e-3)
+    trainer.close()
+
+
+def test_the_kept_prompts_are_regressed_on_latents_of_their_own_chain(make_accelerator):
+    """latents="own", 2 kept prompts per latent: each x_k comes from the student's chain conditioned
+    on its kept prompt k, drawn in one batch with the concept's chain, and loss = MSE(eps_theta(x_t, c), eps*) +
+    lambda MSE(eps_theta(x_k, k, s), eps_0(x_k, k, s)) over the 4 kept rows. Computed by hand from the same draws."""
+    from stereo.erasure.objectives import balanced_indices, esd_target
+    from stereo.erasure.sampling import draw_stop_steps, sample_xt
+
+    keep = torch.randn(3, 77, 64, generator=torch.Generator().manual_seed(11))
+    trainer = drifted(esd_trainer(make_accelerator(), subset="noxattn", batch_size=2))
+    obj = trainer.objective
+    obj.preserve = Preservation(keep, 4.0, latents="own", per_latent=2)
+    loss = float(trainer.micro_step_loss(1, 0))
+
+    cond = obj.sample(position=2, batch_size=2)
+    kept = keep[balanced_indices(3, 4, 4, seed=0 + 2)]  # latents 2, 3 draw kept prompts 4 .. 7 of the stream
+    generator = torch.Generator().manual_seed(trainer._seed(1, 0))
+    stop = draw_stop_steps(6, trainer.settings.ddim_steps, generator)
+    x, t = sample_xt(trainer.student, trainer.scheduler, torch.cat([cond.student, kept]), cond.uncond, stop,
+                     num_steps=4, guidance=3.0, latent_shape=trainer.latent_shape, generator=generator)
+    x_t, x_k, t_c, t_k = x[:2], x[2:], t[:2], t[2:]
+    assert not torch.allclose(x_t, x_k[:2])
+    mse = torch.nn.functional.mse_loss
+    with torch.no_grad():
+        def eps(unet, latents, steps, conditions):
+            return unet(latents, steps, encoder_hidden_states=conditions).sample
+        target = esd_target(eps(trainer.teacher, x_t, t_c, cond.uncond.expand(2, -1, -1)),
+                            eps(trainer.teacher, x_t, t_c, cond.student), obj.eta)
+        erase = mse(eps(trainer.student, x_t, t_c, cond.student), target)
+        term = 4.0 * mse(eps(trainer.student, x_k, t_k, kept), eps(trainer.teacher, x_k, t_k, kept))
+    assert float(term) > 1e-6
+    assert loss == pytest.approx(float(erase + term), rel=1e-4)
     trainer.close()

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from stereo import parallel
 from stereo.conditioning import text_towers
 from stereo.config import erased_subset, kept_concepts, to_container
+from stereo.erasure.objectives import Preservation
 from stereo.export import export_erased
 from stereo.generation import encode_prompts
 from stereo.manifest import build_manifest, write_json_atomic
@@ -96,7 +97,7 @@ class RunContext:
         if keep.weight == 0:
             return {}
         prompts = list(keep.prompts) or [p for prompts in self.neighbours().values() for p in prompts]
-        return {"preserve": self.encode(prompts), "preserve_weight": keep.weight}
+        return {"preserve": Preservation(self.encode(prompts), keep.weight, str(keep.latents), keep.per_latent)}
 
     @property
     def latent_size(self) -> int:

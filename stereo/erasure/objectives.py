@@ -13,18 +13,22 @@ An objective answers two questions for the trainer, and nothing else:
   `sample(position, batch_size)`: which condition each latent is about (x_t is sampled with it and
       the student sees it) and which M conditions the teacher is queried with -> `Conditions`;
   `target(eps_teacher)`: the (M, B, ...) teacher predictions composed into the (B, ...) target.
-Optionally (`preserve`, weight lambda > 0; an extension beyond ESD and STEREO), each latent also draws
-one prompt of a concept to KEEP, and the student's prediction for it is regressed onto the teacher's:
+Optionally (`preserve`, a `Preservation` with weight lambda > 0; an extension beyond ESD and STEREO), each
+latent also draws `per_latent` prompts of concepts to KEEP, and the student's predictions for them are
+regressed onto the teacher's:
 
-    loss = MSE(eps_theta(x_t, c, t), eps*) + lambda MSE(eps_theta(x_t, k, t), eps_0(x_t, k, t)),
+    loss = MSE(eps_theta(x_t, c, t), eps*) + lambda MSE(eps_theta(x_k, k, s), eps_0(x_k, k, s)),
 
-the teacher's eps_0(x_t, k) computed in the same batched call as the target's predictions.
+where (x_k, s) is the erased concept's own latent (x_t, t) (`latents="concept"`, the default), or a latent
+of the student's chain conditioned on k (`"own"`: the trajectories along which the erased model draws the
+kept concept; on the toy it was the more robust but the less specific, docs/toy_tuning.md).
+The teacher's eps_0(x_k, k) is computed in the same batched call as the target's predictions.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -89,13 +93,29 @@ def balanced_indices(num_items: int, start: int, count: int, seed: int) -> torch
 # Objectives
 # ----------------------------------------------------------------------------------------------
 @dataclass
+class Preservation:
+    """The optional preservation term (module docstring): what to keep, its weight and where it is regressed."""
+
+    prompts: torch.Tensor  # (P, L, D) the kept prompts
+    weight: float  # lambda
+    latents: str = "concept"  # concept | own: x_k is the concept's x_t, or from the student's chain conditioned on k
+    per_latent: int = 1  # kept prompts drawn for each latent of the erasure
+
+    def draw(self, position: int, batch_size: int, seed: int) -> torch.Tensor:
+        """(B * per_latent, L, D), latent-major, balanced over `prompts` (a stream of its own: `seed`)."""
+        k = self.per_latent
+        picks = balanced_indices(self.prompts.shape[0], position * k, batch_size * k, seed)
+        return self.prompts[picks.to(self.prompts.device)]
+
+
+@dataclass
 class Conditions:
     """What one batch of B latents is conditioned on."""
 
     student: torch.Tensor  # (B, L, D): x_t is sampled with it (CFG against `uncond`), the student sees it
     uncond: torch.Tensor  # (L, D): the empty prompt
     teacher: torch.Tensor  # (M, B, L, D): the M conditions of the target, per latent
-    keep: torch.Tensor | None = None  # (B, L, D): a prompt to preserve per latent (student and teacher), or None
+    keep: torch.Tensor | None = None  # (B * per_latent, L, D): prompts to preserve, latent-major, or None
 
 
 class ErasureObjective(ABC):
@@ -103,25 +123,23 @@ class ErasureObjective(ABC):
 
     `position` counts latents over the whole run (steps, micro-steps and processes interleaved by the
     trainer), not a generator: a resumed run, or another process split, draws the same sequence.
-    `preserve` (P, L, D) and `preserve_weight` (lambda): the optional preservation term (module docstring).
+    `preserve`: the optional preservation term (module docstring), or None.
     """
 
     negatives: torch.Tensor
     uncond: torch.Tensor
     seed: int
-    preserve: torch.Tensor | None
-    preserve_weight: float
+    preserve: Preservation | None
 
     def draw_negatives(self, position: int, batch_size: int) -> torch.Tensor:
         """(B,) indices into `negatives`, balanced over the run."""
         return balanced_indices(self.negatives.shape[0], position, batch_size, self.seed).to(self.negatives.device)
 
     def draw_keep(self, position: int, batch_size: int) -> torch.Tensor | None:
-        """(B, L, D) prompts to preserve, balanced over `preserve` (a stream of its own), or None when off."""
-        if self.preserve is None or self.preserve_weight == 0:
+        """(B * per_latent, L, D) prompts to preserve (`Preservation.draw`), or None when off."""
+        if self.preserve is None or self.preserve.weight == 0:
             return None
-        picks = balanced_indices(self.preserve.shape[0], position, batch_size, self.seed + 2)
-        return self.preserve[picks.to(self.preserve.device)]
+        return self.preserve.draw(position, batch_size, self.seed + 2)
 
     @abstractmethod
     def sample(self, position: int, batch_size: int) -> Conditions:
@@ -135,6 +153,8 @@ class ErasureObjective(ABC):
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device, dtype))
+        if self.preserve is not None:
+            self.preserve = replace(self.preserve, prompts=self.preserve.prompts.to(device, dtype))
         return self
 
 
@@ -146,8 +166,7 @@ class ESDObjective(ErasureObjective):
     uncond: torch.Tensor  # (L, D)
     eta: float = 1.0
     seed: int = 0
-    preserve: torch.Tensor | None = None
-    preserve_weight: float = 0.0
+    preserve: Preservation | None = None
 
     def sample(self, position, batch_size):
         concept = self.negatives[self.draw_negatives(position, batch_size)]  # (B, L, D)
@@ -174,8 +193,7 @@ class REOObjective(ErasureObjective):
     eta_n: float = 3.0
     anchors_per_step: int = 1
     seed: int = 0
-    preserve: torch.Tensor | None = None
-    preserve_weight: float = 0.0
+    preserve: Preservation | None = None
 
     def sample(self, position, batch_size):
         per = self.anchors_per_step

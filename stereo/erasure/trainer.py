@@ -5,7 +5,8 @@ One step, for each of B latents per process (STEREO.md):
   2. x_t, t <- the student's own DDIM chain conditioned on that negative, stopped at i ∈ [1, 49);
   3. every teacher prediction the objective needs (∅, negatives, anchors) in ONE batched forward;
   4. target <- objective.target(...)  (ESD or REO formula, `stereo.erasure.objectives`);
-  5. loss = MSE(eps_theta(x_t, negative, t), target) [+ the optional preservation term]; backward; step.
+  5. loss = MSE(eps_theta(x_t, negative, t), target) [+ the optional preservation term, its kept prompts'
+     latents drawn in the same chain as step 2's]; backward; step.
 With `grad_accum` micro-steps per step, each loss is divided by grad_accum (the gradient is
 their mean) and processes all-reduce gradients once per step, on the last micro-step.
 Each (process, step, micro-step) draws from its own seed (latents, stop steps, dropout), so a
@@ -173,9 +174,12 @@ class ErasureTrainer:
             torch.manual_seed(seed)
             yield
 
-    def _teacher_eps(self, x_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    def _teacher_eps(self, x_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
+                     keep: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         """All M teacher conditions for all B latents in one batched forward: (M, B, 4, h, w).
 
+        `keep` = (x_k, t_k, k): the kept prompts at their latents, predicted in the same forward; then
+        returns ((M, B, 4, h, w), (K, 4, h, w)).
         fp32 weights (the LoRA base, fp32 models) run under the accelerator's autocast like the
         student; half-precision weights run as they are, outside autocast, inputs cast to their dtype:
         bf16 autocast would recast fp16 weights to bf16 on every forward (on CPU it cannot run them).
@@ -186,9 +190,13 @@ class ErasureTrainer:
         dtype = next(unet.parameters()).dtype
         precision = (self.accelerator.autocast() if dtype == torch.float32
                      else torch.autocast(self.accelerator.device.type, enabled=False))
+        x, steps, conditions = x_t.repeat(m, 1, 1, 1), t.repeat(m), embeddings.flatten(0, 1)
+        if keep is not None:
+            x, steps, conditions = (torch.cat([a, k]) for a, k in zip((x, steps, conditions), keep))
         with torch.no_grad(), base, precision:
-            eps = predict(unet, x_t.repeat(m, 1, 1, 1).to(dtype), t.repeat(m), embeddings.flatten(0, 1).to(dtype))
-        return eps.float().view(m, b, *x_t.shape[1:])
+            eps = predict(unet, x.to(dtype), steps, conditions.to(dtype)).float()
+        eps_target = eps[:m * b].view(m, b, *x_t.shape[1:])
+        return eps_target if keep is None else (eps_target, eps[m * b:])
 
     def micro_step_loss(self, step: int, micro: int) -> torch.Tensor:
         """The loss of micro-step `micro` of optimiser step `step` (steps 1-5 above, before backward)."""
@@ -197,22 +205,32 @@ class ErasureTrainer:
         cond = self.objective.sample(position, s.batch_size)
         seed = self._seed(step, micro)
         generator = torch.Generator(device=acc.device if acc.device.type == "cuda" else "cpu").manual_seed(seed)
-        stop = draw_stop_steps(s.batch_size, s.ddim_steps, generator)
+        keep = cond.keep  # the optional preservation term: K = B * per_latent kept prompts, latent-major
+        own = keep is not None and self.objective.preserve.latents == "own"
+        chain = torch.cat([cond.student, keep]) if own else cond.student  # own: the kept prompts' chains too
+        stop = draw_stop_steps(len(chain), s.ddim_steps, generator)
         self._unwrapped.eval()
         with acc.autocast():
-            x_t, t = sample_xt(self._unwrapped, self.scheduler, cond.student, cond.uncond, stop,
-                               num_steps=s.ddim_steps, guidance=s.xt_guidance, latent_shape=self.latent_shape,
-                               generator=generator)
-        keep = cond.keep  # the optional preservation term: its teacher predictions ride in the same batched call
-        eps_teacher = self._teacher_eps(x_t, t, cond.teacher if keep is None else torch.cat([cond.teacher, keep[None]]))
-        target = self.objective.target(eps_teacher[:len(cond.teacher)])
-        self.student.train()
-        with self._seeded_global_rng(seed):  # autocast applied by accelerate
-            if keep is None:
+            x, steps = sample_xt(self._unwrapped, self.scheduler, chain, cond.uncond, stop,
+                                 num_steps=s.ddim_steps, guidance=s.xt_guidance, latent_shape=self.latent_shape,
+                                 generator=generator)
+        b = len(cond.student)
+        x_t, t = x[:b], steps[:b]
+        if keep is None:
+            target = self.objective.target(self._teacher_eps(x_t, t, cond.teacher))
+            self.student.train()
+            with self._seeded_global_rng(seed):  # autocast applied by accelerate
                 return erasure_loss(predict(self.student, x_t, t, cond.student), target)
-            eps, eps_keep = predict(self.student, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                    torch.cat([cond.student, keep])).chunk(2)
-        return erasure_loss(eps, target) + preservation_loss(eps_keep, eps_teacher[-1], self.objective.preserve_weight)
+        per = len(keep) // b  # own: the chain's last K latents; concept: each x_t repeated for its kept prompts
+        x_keep, t_keep = (x[b:], steps[b:]) if own else (x_t.repeat_interleave(per, 0), t.repeat_interleave(per, 0))
+        eps_teacher, eps_teacher_keep = self._teacher_eps(x_t, t, cond.teacher, (x_keep, t_keep, keep))
+        target = self.objective.target(eps_teacher)
+        self.student.train()
+        with self._seeded_global_rng(seed):
+            eps = predict(self.student, torch.cat([x_t, x_keep]), torch.cat([t, t_keep]),
+                          torch.cat([cond.student, keep]))
+        weight = self.objective.preserve.weight
+        return erasure_loss(eps[:b], target) + preservation_loss(eps[b:], eps_teacher_keep, weight)
 
     def accumulate_gradients(self, step: int) -> tuple[float, float]:
         """Backward through the step's `grad_accum` micro-steps; returns (mean loss over processes, this one's).
