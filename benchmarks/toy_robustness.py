@@ -130,13 +130,14 @@ def train_all(args, work: Path) -> dict:
                 done = out / "benchmark_run.json"  # written last: a rerun reuses finished trainings
                 cfg = compose([*overrides, f"output_dir={out}"])
                 if done.exists():
-                    check_finished(out, overrides, json.loads(done.read_text()).get("overrides", overrides), cfg)
+                    record = json.loads(done.read_text())
+                    check_finished(out, overrides, record.get("overrides", overrides), cfg)
                 else:
                     start = time.perf_counter()
                     result = train(cfg)
-                    write_json_atomic(done, {"export_dir": str(result["export_dir"]), "overrides": overrides,
-                                             "seconds": time.perf_counter() - start})
-                record = json.loads(done.read_text())
+                    record = {"export_dir": str(result["export_dir"]), "overrides": overrides,
+                              "seconds": time.perf_counter() - start}
+                    write_json_atomic(done, record)
                 runs[(concept, seed, method.label)] = (record["export_dir"], record["seconds"])
     return runs
 
@@ -158,7 +159,8 @@ def changed_settings(cfg, saved: Path) -> list[str]:
 
     old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
     new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    return [key for section in TRAINING_SETTINGS for key in walk(old.get(section), new.get(section), section)]
+    return [key for section in TRAINING_SETTINGS if section in old
+            for key in walk(old[section], new.get(section), section)]
 
 
 def check_finished(out: Path, overrides: list[str], trained_with: list[str], cfg) -> None:

@@ -178,8 +178,8 @@ class ErasureTrainer:
                      keep: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         """All M teacher conditions for all B latents in one batched forward: (M, B, 4, h, w).
 
-        `keep` = (x_k, t_k, k): the kept prompts at their latents, predicted in the same forward; then
-        returns ((M, B, 4, h, w), (K, 4, h, w)).
+        `keep` = (x_k, t_k, k): the kept prompts at their latents, predicted in the same forward. Returns
+        ((M, B, 4, h, w), (K, 4, h, w) for `keep`, or None).
         fp32 weights (the LoRA base, fp32 models) run under the accelerator's autocast like the
         student; half-precision weights run as they are, outside autocast, inputs cast to their dtype:
         bf16 autocast would recast fp16 weights to bf16 on every forward (on CPU it cannot run them).
@@ -195,8 +195,7 @@ class ErasureTrainer:
             x, steps, conditions = (torch.cat([a, k]) for a, k in zip((x, steps, conditions), keep))
         with torch.no_grad(), base, precision:
             eps = predict(unet, x.to(dtype), steps, conditions.to(dtype)).float()
-        eps_target = eps[:m * b].view(m, b, *x_t.shape[1:])
-        return eps_target if keep is None else (eps_target, eps[m * b:])
+        return eps[:m * b].view(m, b, *x_t.shape[1:]), None if keep is None else eps[m * b:]
 
     def micro_step_loss(self, step: int, micro: int) -> torch.Tensor:
         """The loss of micro-step `micro` of optimiser step `step` (steps 1-5 above, before backward)."""
@@ -216,18 +215,18 @@ class ErasureTrainer:
                                  generator=generator)
         b = len(cond.student)
         x_t, t = x[:b], steps[:b]
-        if keep is None:
-            target = self.objective.target(self._teacher_eps(x_t, t, cond.teacher))
-            self.student.train()
-            with self._seeded_global_rng(seed):  # autocast applied by accelerate
-                return erasure_loss(predict(self.student, x_t, t, cond.student), target)
-        per = len(keep) // b  # own: the chain's last K latents; concept: each x_t repeated for its kept prompts
-        x_keep, t_keep = (x[b:], steps[b:]) if own else (x_t.repeat_interleave(per, 0), t.repeat_interleave(per, 0))
-        eps_teacher, eps_teacher_keep = self._teacher_eps(x_t, t, cond.teacher, (x_keep, t_keep, keep))
+        kept = None  # (x_k, t_k, k): own, the chain's last K latents; concept, each x_t once per kept prompt
+        if keep is not None:
+            per = len(keep) // b
+            kept = (x[b:], steps[b:], keep) if own else (x_t.repeat_interleave(per, 0), t.repeat_interleave(per, 0),
+                                                         keep)
+        eps_teacher, eps_teacher_keep = self._teacher_eps(x_t, t, cond.teacher, kept)
         target = self.objective.target(eps_teacher)
         self.student.train()
-        with self._seeded_global_rng(seed):
-            eps = predict(self.student, torch.cat([x_t, x_keep]), torch.cat([t, t_keep]),
+        with self._seeded_global_rng(seed):  # autocast applied by accelerate
+            if kept is None:
+                return erasure_loss(predict(self.student, x_t, t, cond.student), target)
+            eps = predict(self.student, torch.cat([x_t, kept[0]]), torch.cat([t, kept[1]]),
                           torch.cat([cond.student, keep]))
         weight = self.objective.preserve.weight
         return erasure_loss(eps[:b], target) + preservation_loss(eps[b:], eps_teacher_keep, weight)
