@@ -61,3 +61,24 @@ def test_sample_grids_show_the_neighbours_and_preservation_needs_something_to_ke
     cfg.concepts.church.neighbours = {}
     with pytest.raises(ValueError, match="nothing to preserve"):
         train(cfg)
+
+
+def test_the_readme_toy_command_with_preservation_regresses_four_kept_prompts_at_every_step(fast_cfg, monkeypatch):
+    """`python train.py method.subset=noxattn method.preserve.weight=3 method.preserve.per_latent=4` on short
+    budgets: every STE-erase and REO step adds lambda = 3 times the kept rows' MSE, 4 kept prompts per latent."""
+    import stereo.erasure.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.preservation_loss
+
+    def spy(eps_student_keep, eps_teacher_keep, weight):
+        calls.append((eps_student_keep.shape[0], weight))
+        return real(eps_student_keep, eps_teacher_keep, weight)
+
+    monkeypatch.setattr(trainer_module, "preservation_loss", spy)
+    out = train(fast_cfg("model=toy", "method=stereo", "concept=circle", "method.ste.rounds=1",
+                         "method.ste.erase_steps=2", "method.ste.inversion.steps=2", "method.ste.gallery_size=2",
+                         "method.reo.steps=3", "utility_seeds=0", "method.subset=noxattn",
+                         "method.preserve.weight=3", "method.preserve.per_latent=4"))
+    assert calls == [(4, 3.0)] * (2 + 3)
+    assert (out["export_dir"] / "unet").is_dir()
