@@ -29,7 +29,9 @@ other shape's utility and the worst one (% of base, CI over seeds). Also an ASR-
 
 `--methods` lists method presets (conf/method/<name>.yaml); each `--method 'LABEL:OVERRIDE,OVERRIDE'`
 (repeatable) adds a method trained with `train.py` overrides (one of them `method=<preset>`; a comma
-inside [...] or {...} does not split). Finished trainings (checked against their overrides) and
+inside [...] or {...} does not split). A method is its preset as published plus its overrides: the
+settings `train.py` adds for a (model, method) pair (conf/tuned/, e.g. the toy STEREO default) are left out
+(`~tuned`) unless the overrides name `tuned=...`. Finished trainings (checked against their overrides) and
 evaluation cells are reused, so an interrupted run resumes, and several processes may share the work on
 one `--work` folder (e.g. one per concept) before a last run with every concept writes the table.
 """
@@ -105,13 +107,23 @@ def parse_method(spec: str) -> Method:
     overrides = split_overrides(rest) if colon else []
     if not label or any(c in label for c in "/ ") or label == "base":
         raise ValueError(f"method {spec!r}: the label {label!r} must be a plain name (no '/' or space), not 'base'")
-    if not any(o.split("=", 1)[0].lstrip("+~") == "method" for o in overrides):
+    if not any(override_key(o) == "method" for o in overrides):
         if label not in PRESETS and not Path(__file__).resolve().parents[1].joinpath(
                 "conf", "method", f"{label}.yaml").is_file():
             raise ValueError(f"method {spec!r}: {label!r} is no method preset (conf/method/); give one, e.g. "
                              f"'{label}:method=stereo,method.preserve.weight=1.0'")
         overrides = [f"method={label}", *overrides]
+    if not any(override_key(o) == "tuned" for o in overrides):
+        overrides.append(PUBLISHED)
     return Method(label, tuple(overrides))
+
+
+PUBLISHED = "~tuned"  # a compared method without train.py's tuned (model, method) settings (conf/tuned/)
+
+
+def override_key(override: str) -> str:
+    """`method.subset` of `+method.subset=x`, `tuned` of `~tuned`."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 # --- training and evaluation ----------------------------------------------------------------------
@@ -165,8 +177,9 @@ def changed_settings(cfg, saved: Path) -> list[str]:
 
 def check_finished(out: Path, overrides: list[str], trained_with: list[str], cfg) -> None:
     """A finished training is reused only if it was run with the same overrides and, the configs' defaults
-    (budgets, presets) having maybe changed since, still resolves to the same settings."""
-    if trained_with != overrides:
+    (budgets, presets) having maybe changed since, still resolves to the same settings. Runs recorded before
+    conf/tuned/ existed lack `~tuned`; what they trained with is checked by the settings."""
+    if [o for o in trained_with if o != PUBLISHED] != [o for o in overrides if o != PUBLISHED]:
         raise ValueError(f"{out} was trained with {trained_with}, not {overrides}; use another label or --work, "
                          "or delete that folder")
     changed = changed_settings(cfg, out / "config.yaml") if (out / "config.yaml").exists() else []

@@ -33,8 +33,11 @@ def test_extra_methods_carry_their_overrides():
                                 "method.preserve.prompts=[a square,a star]")
     assert method.label == "stereo+preserve"
     assert method.overrides == ("method=stereo", "method.preserve.weight=1.0",
-                                "method.preserve.prompts=[a square,a star]")
-    assert bench.parse_method("stereo:method.reo.steps=400").overrides == ("method=stereo", "method.reo.steps=400")
+                                "method.preserve.prompts=[a square,a star]", "~tuned")
+    assert bench.parse_method("stereo:method.reo.steps=400").overrides == ("method=stereo", "method.reo.steps=400",
+                                                                           "~tuned")
+    assert bench.parse_method("default:method=stereo,tuned=toy_stereo").overrides == ("method=stereo",
+                                                                                       "tuned=toy_stereo")
     with pytest.raises(ValueError, match="no method preset"):
         bench.parse_method("mine:trainer.steps=3")
     args = bench.parse_args(["--method", "stereo+preserve:method=stereo,method.preserve.weight=1.0"])
@@ -115,6 +118,8 @@ def test_a_finished_training_is_reused_only_while_the_configs_still_give_its_set
     cfg = compose([*overrides, f"output_dir={tmp_path}"])
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # as a training writes it
     bench.check_finished(tmp_path, overrides, overrides, cfg)
+    # recorded before conf/tuned/ existed: no `~tuned`, and the settings it gives are the same
+    bench.check_finished(tmp_path, [*overrides, bench.PUBLISHED], overrides, cfg)
     with pytest.raises(ValueError, match="was trained with"):
         bench.check_finished(tmp_path, overrides, [*overrides[:-1], "seed=1"], cfg)
     now = compose([*overrides, "trainer.steps=7", "method.preserve.latents=own", f"output_dir={tmp_path}"])
