@@ -63,9 +63,10 @@ def test_sample_grids_show_the_neighbours_and_preservation_needs_something_to_ke
         train(cfg)
 
 
-def test_the_readme_toy_command_with_preservation_regresses_four_kept_prompts_at_every_step(fast_cfg, monkeypatch):
-    """`python train.py method.subset=noxattn method.preserve.weight=3 method.preserve.per_latent=4` on short
-    budgets: every STE-erase and REO step adds lambda = 3 times the kept rows' MSE, 4 kept prompts per latent."""
+def test_the_toy_default_preservation_regresses_four_kept_prompts_at_every_step(fast_cfg, monkeypatch):
+    """The toy STEREO default's preservation (conf/tuned/toy_stereo.yaml: other layers, lambda 3, 4 kept prompts
+    per latent; named here so the test holds with or without `tuned`) on short budgets: every STE-erase and REO
+    step adds lambda = 3 times the kept rows' MSE, 4 kept prompts per latent."""
     import stereo.erasure.trainer as trainer_module
 
     calls = []
