@@ -257,12 +257,15 @@ class PreserveConfig:
     prompts: list[str] = field(default_factory=list)  # empty -> every neighbour prompt of the selected concepts
     latents: KeepLatents = KeepLatents.concept  # concept | own: the x_t the kept prompts are regressed at
     per_latent: int = 1  # kept prompts drawn for each latent of the erasure (balanced over the kept prompts)
+    focus: float = 0.0  # beta >= 0: weigh each kept row by softmax(beta error / mean error); 0 = the plain mean
 
     def __post_init__(self) -> None:
         if self.weight < 0:
             raise ValueError(f"method.preserve.weight={self.weight} must be >= 0")
         if self.per_latent < 1:
             raise ValueError(f"method.preserve.per_latent={self.per_latent} must be >= 1")
+        if not 0 <= self.focus <= 50:
+            raise ValueError(f"method.preserve.focus={self.focus} must be in [0, 50] (0: plain mean)")
 
 
 @dataclass

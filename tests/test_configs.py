@@ -96,6 +96,7 @@ def test_a_misspelled_choice_fails_at_compose_time_naming_the_key_and_the_valid_
     (["method.stage=reo"], "method.stage=reo needs method.ste_dir"),
     (["method.ste.rounds=0"], "method.ste.rounds=0: must be >= 1"),
     (["method.reo.anchors_per_step=0"], "method.reo.anchors_per_step=0: must be >= 1"),
+    (["method.preserve.focus=-1"], "method.preserve.focus=-1.0 must be in [0, 50]"),
     (["concepts.circle.prompts=[]"], "concept 'circle' has no prompts"),
 ])
 def test_validate_runs_each_dataclass_own_checks(overrides, message):

@@ -9,6 +9,7 @@ from stereo.erasure.objectives import (
     balanced_indices,
     erasure_loss,
     esd_target,
+    preservation_loss,
     reo_target,
 )
 
@@ -86,3 +87,22 @@ def test_the_preservation_draw_is_balanced_over_the_kept_prompts_and_off_by_defa
     drawn = obj.preserve.draw(0, 4, seed=4 + 2)  # 12 draws over 4 prompts: each 3 times
     assert sorted(int((drawn == k).all(dim=(1, 2)).sum()) for k in keep) == [3, 3, 3, 3]
     torch.testing.assert_close(cond.student, ESDObjective(negatives=neg, uncond=unc, seed=4).sample(6, 2).student)
+
+
+def test_the_focused_preservation_weighs_each_kept_row_by_a_softmax_of_its_error_without_gradient_through_it():
+    """lambda mean_i w_i l_i with w_i = K softmax(beta l_i / mean l) (objectives docstring); beta = 0 is lambda MSE."""
+    student, teacher = seeded(6, 4, 8, 8, seed=21), seeded(6, 4, 8, 8, seed=22)
+    student[2] += 3.0  # one kept row moved far more than the others
+    torch.testing.assert_close(preservation_loss(student, teacher, 2.0),
+                               2.0 * torch.nn.functional.mse_loss(student, teacher))
+    rows = ((student - teacher) ** 2).mean(dim=(1, 2, 3))
+    weights = 6 * torch.softmax(1.5 * rows / rows.mean(), dim=0)
+    torch.testing.assert_close(preservation_loss(student, teacher, 2.0, focus=1.5), 2.0 * (weights * rows).mean())
+    assert preservation_loss(student, teacher, 2.0, focus=1.5) > preservation_loss(student, teacher, 2.0)
+    # the gradient is that of the weighted MSE with the weights held fixed: row 2 pulled back hardest
+    moved = student.clone().requires_grad_(True)
+    preservation_loss(moved, teacher, 2.0, focus=1.5).backward()
+    by_hand = 2.0 * weights.view(6, 1, 1, 1) * 2 * (student - teacher) / (6 * 4 * 8 * 8)
+    torch.testing.assert_close(moved.grad, by_hand)
+    per_row = moved.grad.abs().mean(dim=(1, 2, 3)) / (student - teacher).abs().mean(dim=(1, 2, 3))
+    assert int(per_row.argmax()) == 2

@@ -232,6 +232,12 @@ def test_the_preservation_term_on_the_concepts_latents_is_lambda_times_the_kept_
     term = 4.0 * float(torch.nn.functional.mse_loss(student, teacher))
     assert term > 1e-6
     assert on - off == pytest.approx(term, rel=1e-3)
+    # focus beta = 2: the same rows, each weighed by K softmax(beta l_i / mean l) (objectives.preservation_loss)
+    obj.preserve.focus = 2.0
+    rows = ((student - teacher) ** 2).mean(dim=(1, 2, 3))
+    focused = 4.0 * float((len(rows) * torch.softmax(2.0 * rows / rows.mean(), dim=0) * rows).mean())
+    assert abs(focused - term) > 1e-3 * term
+    assert float(trainer.micro_step_loss(1, 0)) - off == pytest.approx(focused, rel=1e-3)
     trainer.close()
 
 

@@ -72,14 +72,14 @@ def test_the_toy_default_preservation_regresses_four_kept_prompts_at_every_step(
     calls = []
     real = trainer_module.preservation_loss
 
-    def spy(eps_student_keep, eps_teacher_keep, weight):
-        calls.append((eps_student_keep.shape[0], weight))
-        return real(eps_student_keep, eps_teacher_keep, weight)
+    def spy(eps_student_keep, eps_teacher_keep, weight, focus):
+        calls.append((eps_student_keep.shape[0], weight, focus))
+        return real(eps_student_keep, eps_teacher_keep, weight, focus)
 
     monkeypatch.setattr(trainer_module, "preservation_loss", spy)
     out = train(fast_cfg("model=toy", "method=stereo", "concept=circle", "method.ste.rounds=1",
                          "method.ste.erase_steps=2", "method.ste.inversion.steps=2", "method.ste.gallery_size=2",
                          "method.reo.steps=3", "utility_seeds=0", "method.subset=noxattn",
                          "method.preserve.weight=3", "method.preserve.per_latent=4"))
-    assert calls == [(4, 3.0)] * (2 + 3)
+    assert calls == [(4, 3.0, 0.0)] * (2 + 3)
     assert (out["export_dir"] / "unet").is_dir()

@@ -97,7 +97,8 @@ class RunContext:
         if keep.weight == 0:
             return {}
         prompts = list(keep.prompts) or [p for prompts in self.neighbours().values() for p in prompts]
-        return {"preserve": Preservation(self.encode(prompts), keep.weight, str(keep.latents), keep.per_latent)}
+        return {"preserve": Preservation(self.encode(prompts), keep.weight, str(keep.latents), keep.per_latent,
+                                         keep.focus)}
 
     @property
     def latent_size(self) -> int:

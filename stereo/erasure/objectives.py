@@ -23,6 +23,12 @@ where (x_k, s) is the erased concept's own latent (x_t, t) (`latents="concept"`,
 of the student's chain conditioned on k (`"own"`: the trajectories along which the erased model draws the
 kept concept; on the toy it was the more robust but the less specific, docs/toy_tuning.md).
 The teacher's eps_0(x_k, k) is computed in the same batched call as the target's predictions.
+With `focus` beta > 0 the K kept rows are not averaged equally: row i, whose squared error is l_i, weighs
+
+    w_i = K softmax_i(beta l_i / mean_j l_j)      (weights carry no gradient; beta = 0: w_i = 1, the plain MSE),
+
+so the kept prompts the erasure currently moves most are pulled back hardest (a per-batch, stateless form of
+distributionally robust weighting: resumes and process splits see the same loss).
 """
 
 from __future__ import annotations
@@ -67,9 +73,16 @@ def erasure_loss(eps_student: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.mse_loss(eps_student.float(), target.float())
 
 
-def preservation_loss(eps_student_keep: torch.Tensor, eps_teacher_keep: torch.Tensor, weight: float) -> torch.Tensor:
-    """lambda MSE(eps_theta(x_t, k, t), eps_0(x_t, k, t)): the kept concept k predicted as the teacher does."""
-    return weight * F.mse_loss(eps_student_keep.float(), eps_teacher_keep.float())
+def preservation_loss(eps_student_keep: torch.Tensor, eps_teacher_keep: torch.Tensor, weight: float,
+                      focus: float = 0.0) -> torch.Tensor:
+    """lambda mean_i w_i l_i, l_i = MSE(eps_theta(x_i, k_i, t_i), eps_0(x_i, k_i, t_i)) of kept row i: the kept
+    concepts predicted as the teacher does; w_i = K softmax(focus l_i / mean l) (module docstring), 1 at focus 0."""
+    per_row = (eps_student_keep.float() - eps_teacher_keep.float()).pow(2).flatten(1).mean(dim=1)  # (K,)
+    if focus == 0:
+        return weight * per_row.mean()
+    errors = per_row.detach()
+    weights = len(errors) * torch.softmax(focus * errors / errors.mean().clamp_min(1e-12), dim=0)
+    return weight * (weights * per_row).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +113,7 @@ class Preservation:
     weight: float  # lambda
     latents: str = "concept"  # concept | own: x_k is the concept's x_t, or from the student's chain conditioned on k
     per_latent: int = 1  # kept prompts drawn for each latent of the erasure
+    focus: float = 0.0  # beta: 0 weighs the kept rows equally, > 0 weighs those moved most more (docstring)
 
     def draw(self, position: int, batch_size: int, seed: int) -> torch.Tensor:
         """(B * per_latent, L, D), latent-major, balanced over `prompts` (a stream of its own: `seed`)."""

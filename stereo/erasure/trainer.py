@@ -228,8 +228,9 @@ class ErasureTrainer:
                 return erasure_loss(predict(self.student, x_t, t, cond.student), target)
             eps = predict(self.student, torch.cat([x_t, kept[0]]), torch.cat([t, kept[1]]),
                           torch.cat([cond.student, keep]))
-        weight = self.objective.preserve.weight
-        return erasure_loss(eps[:b], target) + preservation_loss(eps[b:], eps_teacher_keep, weight)
+        keep_term = preservation_loss(eps[b:], eps_teacher_keep, self.objective.preserve.weight,
+                                      self.objective.preserve.focus)
+        return erasure_loss(eps[:b], target) + keep_term
 
     def accumulate_gradients(self, step: int) -> tuple[float, float]:
         """Backward through the step's `grad_accum` micro-steps; returns (mean loss over processes, this one's).
