@@ -210,18 +210,19 @@ def test_the_esd_experiment_runs_esd():
 
 def test_the_toy_stereo_default_is_the_held_out_variant_and_only_for_that_pair():
     """`python train.py` (toy, STEREO) trains the variant the README's held-out table reports as
-    `stereo-noxattn+preserve3x4-slow`; `~tuned`, other methods and other models keep the published settings."""
+    `stereo-noxattn+preserve3x4-slow-focus2`; `~tuned`, other methods and other models keep the published settings."""
     from benchmarks.toy_robustness import parse_method
 
     variant = parse_method(
-        "stereo-noxattn+preserve3x4-slow:method=stereo,method.subset=noxattn,method.preserve.weight=3.0,"
+        "stereo-noxattn+preserve3x4-slow-focus2:method=stereo,method.subset=noxattn,method.preserve.weight=3.0,"
         "method.preserve.latents=concept,method.preserve.per_latent=4,method.ste.erase_lr=3e-4,method.reo.lr=3e-4,"
-        "method.ste.erase_steps=200,method.reo.steps=400")
+        "method.ste.erase_steps=200,method.reo.steps=400,method.preserve.focus=2.0")
     default = compose([])
     assert OmegaConf.to_container(default.method) == OmegaConf.to_container(compose(list(variant.overrides)).method)
     assert default.method.subset == "noxattn" and default.method.preserve.weight == 3.0
     published = compose(["~tuned"])
     assert published.method.subset == "xattn" and published.method.preserve.weight == 0
+    assert published.method.preserve.focus == 0
     assert published.method.reo.steps == 200 and published.method.reo.lr == 1e-3
     for others in (["method=esd"], ["method=reo"], ["model=sd14", "method=stereo"]):
         assert compose(others).method.preserve.weight == 0, others

@@ -65,8 +65,8 @@ def test_sample_grids_show_the_neighbours_and_preservation_needs_something_to_ke
 
 def test_the_toy_default_preservation_regresses_four_kept_prompts_at_every_step(fast_cfg, monkeypatch):
     """The toy STEREO default's preservation (conf/tuned/toy_stereo.yaml: other layers, lambda 3, 4 kept prompts
-    per latent; named here so the test holds with or without `tuned`) on short budgets: every STE-erase and REO
-    step adds lambda = 3 times the kept rows' MSE, 4 kept prompts per latent."""
+    per latent, focus 2; named here so the test holds with or without `tuned`) on short budgets: every STE-erase
+    and REO step adds lambda = 3 times the kept rows' focused MSE, 4 kept prompts per latent."""
     import stereo.erasure.trainer as trainer_module
 
     calls = []
@@ -80,6 +80,7 @@ def test_the_toy_default_preservation_regresses_four_kept_prompts_at_every_step(
     out = train(fast_cfg("model=toy", "method=stereo", "concept=circle", "method.ste.rounds=1",
                          "method.ste.erase_steps=2", "method.ste.inversion.steps=2", "method.ste.gallery_size=2",
                          "method.reo.steps=3", "utility_seeds=0", "method.subset=noxattn",
-                         "method.preserve.weight=3", "method.preserve.per_latent=4"))
-    assert calls == [(4, 3.0, 0.0)] * (2 + 3)
+                         "method.preserve.weight=3", "method.preserve.per_latent=4",
+                         "method.preserve.focus=2"))
+    assert calls == [(4, 3.0, 2.0)] * (2 + 3)
     assert (out["export_dir"] / "unet").is_dir()
