@@ -472,3 +472,12 @@ def test_clip_and_fid_run_on_the_run_device(tmp_path, monkeypatch):
     assert placed["clip"] == torch.device("meta")
     assert metrics.extractor.device == torch.device("meta")
     assert next(metrics.extractor.model.parameters()).device == torch.device("meta")
+
+
+def test_plot_labels_keep_the_suffix_that_tells_two_variants_apart():
+    from stereo.evaluation.report import short_label
+
+    slow, focus = "stereo-noxattn+preserve3x4-slow", "stereo-noxattn+preserve3x4-slow-focus2"
+    assert len(short_label(slow)) == len(short_label(focus)) == 28
+    assert short_label(slow) != short_label(focus) and short_label(focus).endswith("focus2")
+    assert short_label(slow).startswith("stereo-noxat") and short_label("esd") == "esd"

@@ -232,5 +232,14 @@ def scatter(data: list[tuple[str, float, float]], x_label: str, y_label: str,
         while any(abs(ty - oy) < 11 and abs(px - ox) < 60 for ox, oy in placed):
             ty += 11
         placed.append((px, ty))
-        draw.text((px + 6, ty), label[:28], fill="black", font=font)
+        draw.text((px + 6, ty), short_label(label), fill="black", font=font)
     return image
+
+
+def short_label(label: str, width: int = 28) -> str:
+    """`label` in at most `width` characters, keeping its start and its end: variants of one method differ by
+    their suffix (`...-slow`, `...-slow-focus2`), so a plain prefix would print them the same."""
+    if len(label) <= width:
+        return label
+    head = (width - 2) // 2
+    return f"{label[:head]}..{label[len(label) - (width - 2 - head):]}"
